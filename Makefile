@@ -1,0 +1,38 @@
+# One name for every command. `make help` lists them.
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+MODELS ?= models
+export MLAPI_MODELS_DIR ?= $(MODELS)
+
+.DEFAULT_GOAL := help
+.PHONY: help setup venv models serve test test-fast demo down bench bench-quick lint
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+setup: ## install system packages (as root) and the venv
+	scripts/setup-host.sh
+
+venv: $(BIN)/.installed ## create the venv with every Python dependency
+
+$(BIN)/.installed: requirements.txt requirements-dev.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -r requirements-dev.txt
+	touch $@
+
+models: venv ## train and package the demo models unless they exist
+	@test -f $(MODELS)/iris/1/manifest.json || $(BIN)/python scripts/train_model.py --models-dir $(MODELS)
+
+serve: models ## run the service under gunicorn on 127.0.0.1:8000 (Ctrl-C stops it)
+	MLAPI_WORKERS=$${MLAPI_WORKERS:-2} $(BIN)/gunicorn -c app/gunicorn_conf.py "app.main:create_app()"
+
+test: venv ## run the whole test suite: unit, integration and end-to-end
+	$(BIN)/pytest
+
+test-fast: venv ## unit and integration tests only (no sandbox hosts)
+	$(BIN)/pytest -m "not e2e"
+
+lint: venv ## ansible-lint, yamllint and nginx -t on the rendered templates
+	$(BIN)/pytest tests/unit -k lint

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Installs what the kit needs on a Debian 12 / Ubuntu 22.04+ controller (run as root):
+# the system packages used by the tests and the sandbox, and the Python venv.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=(
+  python3-venv curl jq openssl socat     # venv and the commands the README uses
+  redis-server nginx-light               # real rate-limit store and edge proxy for integration tests
+  systemd-container debootstrap          # sandbox hosts: systemd-nspawn over a debootstrapped Debian 12
+  pebble tinyproxy iproute2 openssh-client  # local ACME CA, sandbox egress, namespaces
+  wrk                                    # load generator for benchmarks
+)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "setup-host: missing packages: ${missing[*]}; run as root or install them with apt-get" >&2
+    exit 1
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+make venv
