@@ -1,0 +1,743 @@
+"""Model packages: building them, and the compatibility gate that loads them.
+
+A package is a folder ``<models dir>/<name>/<version>/`` holding
+
+- ``model.joblib``: the fitted scikit-learn estimator or pipeline (uncompressed),
+- ``model.onnx``: the same model for ONNX Runtime, only when it passed the
+  equivalence gate on the reference sample,
+- ``manifest.json``: what the model is (task, ordered features, classes), what
+  built it (Python, scikit-learn, numpy, onnxruntime versions), the sha256 of
+  every file, metrics, and per-feature reference statistics for drift.
+
+Loading a pickle runs code from it. ``load_package`` therefore checks every
+file's sha256 against the manifest before anything is unpickled, and refuses a
+package built with another scikit-learn or numpy than the one running.
+
+``python -m app.packaging verify DIR`` runs the same gate plus one smoke score;
+deployment runs it before switching a package in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import ctypes.util
+import hashlib
+import io
+import json
+import os
+import platform
+import re
+import shutil
+import sys
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from app.drift import reference_statistics
+from app.engines import Engine, OnnxEngine, SklearnEngine
+
+MANIFEST = "manifest.json"
+MODEL_JOBLIB = "model.joblib"
+MODEL_ONNX = "model.onnx"
+FORMAT_VERSION = 1
+# ONNX is kept only when it reproduces scikit-learn on the sample within this bound:
+# absolute for probabilities; for regression max(1, |value|) * tolerance (absolute
+# below 1, relative above, because float32 carries ~7 significant digits).
+ONNX_TOLERANCE = 1e-5
+FEATURE_TYPES = ("float", "int")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_REQUIRED_FIELDS = ("name", "version", "created", "task", "features", "versions", "files", "reference", "onnx")
+
+Check = Literal["unreadable", "manifest", "sha256", "versions", "features", "estimator", "onnx"]
+
+
+class PackageError(Exception):
+    """A package failed a check; the message names the package, the check and the remedy."""
+
+    def __init__(self, package: str | Path, check: Check, problem: str, remedy: str):
+        self.package = str(package)
+        self.check = check
+        self.problem = problem
+        self.remedy = remedy
+        super().__init__(f"model package {self.package} failed the {check} check: {problem}; {remedy}.")
+
+
+@dataclass(frozen=True)
+class Feature:
+    name: str
+    type: str = "float"
+
+
+@dataclass(frozen=True)
+class Manifest:
+    name: str
+    version: str
+    created: str
+    task: Literal["classifier", "regressor"]
+    features: list[Feature]
+    classes: list[str | int | float] | None
+    versions: dict[str, str]
+    files: dict[str, str]
+    metrics: dict[str, Any]
+    reference: dict[str, dict[str, Any]]
+    onnx: dict[str, Any]
+    format: int = FORMAT_VERSION
+
+    @property
+    def feature_names(self) -> list[str]:
+        return [f.name for f in self.features]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": self.format,
+            "name": self.name,
+            "version": self.version,
+            "created": self.created,
+            "task": self.task,
+            "features": [{"name": f.name, "type": f.type} for f in self.features],
+            "classes": self.classes,
+            "versions": self.versions,
+            "files": self.files,
+            "metrics": self.metrics,
+            "reference": self.reference,
+            "onnx": self.onnx,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Manifest:
+        """Typed view of manifest.json; raises ValueError naming the bad field."""
+        if not isinstance(data, dict):
+            raise ValueError("the manifest is not a JSON object")
+        missing = [key for key in _REQUIRED_FIELDS if key not in data]
+        if missing:
+            raise ValueError(f"fields missing: {', '.join(missing)}")
+        if data["task"] not in ("classifier", "regressor"):
+            raise ValueError(f"task is {data['task']!r}, expected 'classifier' or 'regressor'")
+        features = data["features"]
+        if not isinstance(features, list) or not features:
+            raise ValueError("features must be a non-empty list")
+        parsed = []
+        for item in features:
+            if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+                raise ValueError(f"feature entry {item!r} needs a string 'name'")
+            if item.get("type", "float") not in FEATURE_TYPES:
+                raise ValueError(f"feature {item['name']!r} has type {item.get('type')!r}, expected float or int")
+            parsed.append(Feature(item["name"], item.get("type", "float")))
+        if len({f.name for f in parsed}) != len(parsed):
+            raise ValueError("feature names are not unique")
+        classes = data.get("classes")
+        if data["task"] == "classifier" and (not isinstance(classes, list) or len(classes) < 2):
+            raise ValueError("a classifier needs a list of at least two classes")
+        for key in ("versions", "files", "reference", "onnx"):
+            if not isinstance(data[key], dict):
+                raise ValueError(f"{key} must be an object")
+        for key in ("sklearn", "numpy"):
+            if not isinstance(data["versions"].get(key), str):
+                raise ValueError(f"versions.{key} is missing")
+        return cls(
+            name=str(data["name"]),
+            version=str(data["version"]),
+            created=str(data["created"]),
+            task=data["task"],
+            features=parsed,
+            classes=classes if data["task"] == "classifier" else None,
+            versions=dict(data["versions"]),
+            files=dict(data["files"]),
+            metrics=dict(data.get("metrics") or {}),
+            reference=dict(data["reference"]),
+            onnx=dict(data["onnx"]),
+            format=int(data.get("format", FORMAT_VERSION)),
+        )
+
+
+@dataclass
+class LoadedModel:
+    manifest: Manifest
+    path: Path
+    engine: Engine
+    _classes: np.ndarray | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.manifest.classes is not None:
+            self._classes = np.asarray(self.manifest.classes, dtype=object)
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    @property
+    def version(self) -> str:
+        return self.manifest.version
+
+    @property
+    def task(self) -> str:
+        return self.manifest.task
+
+    @property
+    def feature_names(self) -> list[str]:
+        return self.manifest.feature_names
+
+    @property
+    def classes(self) -> list[str | int | float] | None:
+        return self.manifest.classes
+
+    def score(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """One call into the model for the batch: (labels, probabilities) or (values, None).
+
+        X is float64 (n, n_features) in manifest order, validated by the caller.
+        """
+        out = self.engine.run(X)
+        if self._classes is None:
+            return out, None
+        return self._classes[np.argmax(out, axis=1)], out
+
+
+# ---------------------------------------------------------------- runtime facts
+
+
+def runtime_versions() -> dict[str, str]:
+    import sklearn
+
+    versions = {"python": platform.python_version(), "sklearn": sklearn.__version__, "numpy": np.__version__}
+    try:
+        import onnxruntime
+
+        versions["onnxruntime"] = onnxruntime.__version__
+    except ImportError:  # pragma: no cover - onnxruntime is a runtime requirement
+        versions["onnxruntime"] = ""
+    return versions
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _natural_key(text: str) -> list[tuple[int, int | str]]:
+    return [(0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", text) if part]
+
+
+def discover(models_dir: Path) -> dict[str, list[str]]:
+    """{name: [versions oldest..newest]} of every folder holding a manifest (natural sort: 2 < 10)."""
+    models_dir = Path(models_dir)
+    found: dict[str, list[str]] = {}
+    if not models_dir.is_dir():
+        return found
+    for model in sorted(models_dir.iterdir()):
+        if model.name.startswith(".") or not model.is_dir():
+            continue
+        versions = [v.name for v in model.iterdir() if not v.name.startswith(".") and (v / MANIFEST).is_file()]
+        if versions:
+            found[model.name] = sorted(versions, key=_natural_key)
+    return found
+
+
+# ---------------------------------------------------------------- the gate
+
+
+def _read_manifest(path: Path) -> Manifest:
+    manifest_path = path / MANIFEST
+    if not path.is_dir():
+        raise PackageError(path, "manifest", "the folder does not exist", "give the path of a <name>/<version> folder")
+    try:
+        raw = manifest_path.read_bytes()
+    except OSError as exc:
+        raise PackageError(
+            path, "manifest", f"{MANIFEST} cannot be read ({exc.strerror})", "rebuild it with scripts/package_model.py"
+        ) from None
+    try:
+        return Manifest.from_dict(json.loads(raw))
+    except json.JSONDecodeError as exc:
+        raise PackageError(
+            path, "manifest", f"{MANIFEST} is not valid JSON ({exc})", "rebuild it with scripts/package_model.py"
+        ) from None
+    except (ValueError, TypeError) as exc:
+        raise PackageError(
+            path, "manifest", f"{MANIFEST} is invalid ({exc})", "rebuild it with scripts/package_model.py"
+        ) from None
+
+
+def _verified_files(path: Path, manifest: Manifest) -> dict[str, bytes]:
+    """Contents of every file the manifest lists, each checked against its sha256."""
+    remedy = "the files were changed or copied incompletely; copy the package again or rebuild it"
+    if MODEL_JOBLIB not in manifest.files:
+        raise PackageError(path, "sha256", f"the manifest lists no {MODEL_JOBLIB}", "rebuild the package")
+    contents = {}
+    for filename, expected in manifest.files.items():
+        if Path(filename).name != filename:
+            raise PackageError(path, "manifest", f"file name {filename!r} is not a plain name", "rebuild the package")
+        try:
+            data = (path / filename).read_bytes()
+        except FileNotFoundError:
+            raise PackageError(path, "sha256", f"{filename} listed in the manifest is missing", remedy) from None
+        except OSError as exc:
+            raise PackageError(path, "unreadable", f"{filename} cannot be read ({exc.strerror})", remedy) from None
+        actual = _sha256(data)
+        if actual != expected:
+            raise PackageError(
+                path, "sha256", f"{filename} has sha256 {actual}, the manifest says {expected}", remedy
+            )
+        contents[filename] = data
+    return contents
+
+
+def _check_versions(path: Path, manifest: Manifest) -> None:
+    runtime = runtime_versions()
+    for key, label in (("sklearn", "scikit-learn"), ("numpy", "numpy")):
+        built, running = manifest.versions[key], runtime[key]
+        if built != running:
+            raise PackageError(
+                path,
+                "versions",
+                f"it was built with {label} {built} but this runtime has {label} {running}",
+                f"rebuild the package with {label} {running} or install {label} {built}",
+            )
+
+
+def _unpickle(path: Path, manifest: Manifest, data: bytes) -> Any:
+    import joblib
+    from sklearn.exceptions import InconsistentVersionWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", InconsistentVersionWarning)
+        try:
+            estimator = joblib.load(io.BytesIO(data))
+        except Exception as exc:  # a broken pickle can raise nearly anything
+            raise PackageError(
+                path,
+                "unreadable",
+                f"{MODEL_JOBLIB} cannot be loaded ({type(exc).__name__}: {exc})",
+                "rebuild the package from the trained model",
+            ) from None
+    for warning in caught:
+        if issubclass(warning.category, InconsistentVersionWarning):
+            w = warning.message
+            raise PackageError(
+                path,
+                "versions",
+                f"{MODEL_JOBLIB} holds an estimator pickled with scikit-learn {w.original_sklearn_version} "
+                f"but this runtime has scikit-learn {w.current_sklearn_version}",
+                f"rebuild the package with scikit-learn {w.current_sklearn_version} "
+                f"or install scikit-learn {w.original_sklearn_version}",
+            )
+    return estimator
+
+
+def _estimator_task(estimator: Any) -> str | None:
+    from sklearn.base import is_classifier, is_regressor
+
+    if is_classifier(estimator) and hasattr(estimator, "predict_proba"):
+        return "classifier"
+    if is_regressor(estimator):
+        return "regressor"
+    return None
+
+
+def _check_estimator(path: Path, manifest: Manifest, estimator: Any) -> None:
+    from sklearn.exceptions import NotFittedError
+    from sklearn.utils.validation import check_is_fitted
+
+    remedy = "package a fitted scikit-learn estimator or pipeline"
+    if not hasattr(estimator, "predict") or not hasattr(estimator, "get_params"):
+        raise PackageError(
+            path, "estimator", f"{MODEL_JOBLIB} holds a {type(estimator).__name__}, not a scikit-learn model", remedy
+        )
+    try:
+        check_is_fitted(estimator)
+    except NotFittedError:
+        raise PackageError(path, "estimator", f"the {type(estimator).__name__} is not fitted", remedy) from None
+    except TypeError as exc:
+        raise PackageError(path, "estimator", str(exc), remedy) from None
+    task = _estimator_task(estimator)
+    if task != manifest.task:
+        found = task or "neither a classifier with predict_proba nor a regressor"
+        raise PackageError(
+            path, "estimator", f"the manifest says {manifest.task} but the estimator is {found}", remedy
+        )
+    if task == "classifier":
+        classes = [_plain(c) for c in estimator.classes_]
+        if classes != manifest.classes:
+            raise PackageError(
+                path,
+                "estimator",
+                f"the estimator's classes {classes} differ from the manifest's {manifest.classes}",
+                "rebuild the package",
+            )
+
+
+def _check_features(path: Path, manifest: Manifest, estimator: Any) -> None:
+    names = manifest.feature_names
+    remedy = "rebuild the package with the feature list the model was trained on"
+    n_in = getattr(estimator, "n_features_in_", None)
+    if n_in is not None and n_in != len(names):
+        raise PackageError(
+            path, "features", f"the estimator takes {n_in} features, the manifest lists {len(names)}", remedy
+        )
+    fitted = getattr(estimator, "feature_names_in_", None)
+    if fitted is not None and list(fitted) != names:
+        raise PackageError(
+            path,
+            "features",
+            f"the estimator was fitted on features {list(fitted)}, the manifest lists {names}",
+            remedy,
+        )
+    if manifest.reference and set(manifest.reference) != set(names):
+        raise PackageError(
+            path, "features", "the reference statistics do not cover exactly the manifest's features", remedy
+        )
+
+
+def load_package(path: Path, *, engine: str = "auto", onnx_threads: int = 1) -> LoadedModel:
+    """Load one package folder through every check; raises PackageError naming the failed one."""
+    path = Path(path)
+    if engine not in ("auto", "onnx", "sklearn"):
+        raise ValueError(f"engine must be auto, onnx or sklearn, not {engine!r}")
+    manifest = _read_manifest(path)
+    contents = _verified_files(path, manifest)  # before anything is unpickled
+    _check_versions(path, manifest)
+    estimator = _unpickle(path, manifest, contents[MODEL_JOBLIB])
+    _check_estimator(path, manifest, estimator)
+    _check_features(path, manifest, estimator)
+
+    onnx_kept = bool(manifest.onnx.get("kept"))
+    if onnx_kept and MODEL_ONNX not in contents:
+        raise PackageError(path, "onnx", f"the manifest keeps ONNX but does not list {MODEL_ONNX}", "rebuild the package")
+    if engine == "onnx" and not onnx_kept:
+        raise PackageError(
+            path,
+            "onnx",
+            f"the package has no verified {MODEL_ONNX} ({manifest.onnx.get('reason') or 'not converted'})",
+            "serve it with engine auto or sklearn",
+        )
+    onnx_engine = None
+    if onnx_kept:
+        # A kept model.onnx that does not load means the package is inconsistent: refuse, no fallback.
+        try:
+            onnx_engine = OnnxEngine(
+                contents[MODEL_ONNX], manifest.task, output=manifest.onnx.get("output"), threads=onnx_threads
+            )
+        except Exception as exc:
+            raise PackageError(
+                path,
+                "onnx",
+                f"{MODEL_ONNX} does not load in ONNX Runtime ({type(exc).__name__}: {exc})",
+                "rebuild the package (or with --no-onnx)",
+            ) from None
+    if engine == "sklearn" or onnx_engine is None:
+        return LoadedModel(manifest, path, SklearnEngine(estimator, manifest.task))
+    return LoadedModel(manifest, path, onnx_engine)
+
+
+# ---------------------------------------------------------------- building
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars to the Python value JSON can hold."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _sample_matrix(sample: Any, feature_names: list[str]) -> tuple[np.ndarray, list[str] | None]:
+    """The sample as float64 in feature order, and its integer columns' names' types if known."""
+    columns = getattr(sample, "columns", None)
+    if columns is not None:  # a DataFrame: select by name
+        missing = [name for name in feature_names if name not in set(columns)]
+        if missing:
+            raise ValueError(f"the sample has no column(s) {missing}; its columns are {list(columns)}")
+        frame = sample[feature_names]
+        types = ["int" if np.dtype(frame[c].dtype).kind in "iu" else "float" for c in feature_names]
+        return np.asarray(frame.to_numpy(dtype=np.float64)), types
+    array = np.asarray(sample)
+    if array.ndim != 2:
+        raise ValueError(f"the sample must be 2-D (rows x features), got shape {array.shape}")
+    if array.shape[1] != len(feature_names):
+        raise ValueError(f"the sample has {array.shape[1]} columns, the model takes {len(feature_names)}")
+    types = ["int" if array.dtype.kind in "iu" else "float"] * array.shape[1]
+    return array.astype(np.float64), types
+
+
+def _feature_names(estimator: Any, sample: Any, given: list[str] | None) -> list[str]:
+    fitted = getattr(estimator, "feature_names_in_", None)
+    if fitted is not None:
+        fitted = [str(n) for n in fitted]
+        if given is not None and list(given) != fitted:
+            raise ValueError(f"the feature names given {list(given)} differ from the fitted ones {fitted}")
+        return fitted
+    if given is not None:
+        return list(given)
+    columns = getattr(sample, "columns", None)
+    if columns is not None and all(isinstance(c, str) for c in columns):
+        n_in = getattr(estimator, "n_features_in_", None)
+        if n_in is None or n_in == len(columns):
+            return list(columns)
+    raise ValueError(
+        "the model was fitted without feature names (no feature_names_in_); give them in training order "
+        "(feature_names=[...], or --features a,b,c on the command line)"
+    )
+
+
+def _onnx_candidate(estimator: Any, task: str, X: np.ndarray, dtype: type) -> tuple[bytes | None, dict[str, Any]]:
+    """Convert with skl2onnx at one precision and measure it against scikit-learn on X."""
+    from skl2onnx import to_onnx
+    from skl2onnx.common.data_types import DoubleTensorType, FloatTensorType
+
+    precision = "float32" if dtype is np.float32 else "float64"
+    tensor = FloatTensorType if dtype is np.float32 else DoubleTensorType
+    options = {id(estimator): {"zipmap": False}} if task == "classifier" else None
+    record: dict[str, Any] = {"precision": precision}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = to_onnx(estimator, initial_types=[("input", tensor([None, X.shape[1]]))], options=options)
+        data = model.SerializeToString()
+        engine = OnnxEngine(data, task)
+        record["output"] = engine.output_names[0]
+        got = engine.run(X)
+    except Exception as exc:  # unsupported estimators raise many kinds of errors
+        record["reason"] = f"conversion at {precision} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+        return None, record
+    expected = SklearnEngine(estimator, task).run(X)
+    if got.shape != expected.shape:
+        record["reason"] = f"ONNX output shape {got.shape} differs from scikit-learn's {expected.shape}"
+        return None, record
+    diff = np.abs(got - expected)
+    record["max_abs_diff"] = float(diff.max())
+    if task == "classifier":
+        flipped = int(np.sum(np.argmax(got, axis=1) != np.argmax(expected, axis=1)))
+        if flipped:
+            record["reason"] = f"at {precision} {flipped} of {len(X)} sample rows get another label"
+            return None, record
+        if record["max_abs_diff"] > ONNX_TOLERANCE:
+            record["reason"] = (
+                f"at {precision} probabilities differ by up to {record['max_abs_diff']:.3g} (limit {ONNX_TOLERANCE})"
+            )
+            return None, record
+    else:
+        scaled = float((diff / np.maximum(1.0, np.abs(expected))).max())
+        record["max_scaled_diff"] = scaled
+        if scaled > ONNX_TOLERANCE:
+            record["reason"] = f"at {precision} values differ by up to {scaled:.3g} relative (limit {ONNX_TOLERANCE})"
+            return None, record
+    return data, record
+
+
+def _convert_onnx(estimator: Any, task: str, X: np.ndarray) -> tuple[bytes | None, dict[str, Any]]:
+    """model.onnx bytes if a conversion passes the equivalence gate, and what the manifest records."""
+    attempts = []
+    for dtype in (np.float32, np.float64):
+        data, record = _onnx_candidate(estimator, task, X, dtype)
+        if data is not None:
+            return data, {
+                "kept": True,
+                "reason": None,
+                "max_abs_diff": record["max_abs_diff"],
+                "precision": record["precision"],
+                "output": record["output"],
+                "tolerance": ONNX_TOLERANCE,
+                "checked_rows": int(len(X)),
+            }
+        attempts.append(record)
+    diffs = [a["max_abs_diff"] for a in attempts if "max_abs_diff" in a]
+    return None, {
+        "kept": False,
+        "reason": "; ".join(a["reason"] for a in attempts),
+        "max_abs_diff": min(diffs) if diffs else None,
+        "tolerance": ONNX_TOLERANCE,
+        "checked_rows": int(len(X)),
+    }
+
+
+def _write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+_RENAME_EXCHANGE = 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directories in one step (Linux renameat2); False where unsupported."""
+    libc_name = ctypes.util.find_library("c")
+    if not libc_name:
+        return False
+    libc = ctypes.CDLL(libc_name, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd = -100
+    rc = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE)
+    return rc == 0
+
+
+def build_package(
+    estimator: Any,
+    *,
+    name: str,
+    version: str,
+    models_dir: Path,
+    sample: Any,
+    feature_names: list[str] | None = None,
+    feature_types: list[str] | None = None,
+    metrics: dict | None = None,
+    onnx: bool = True,
+    overwrite: bool = False,
+) -> Path:
+    """Write <models_dir>/<name>/<version>/ atomically; returns its path. Raises ValueError on bad input."""
+    import joblib
+
+    for label, value in (("name", name), ("version", version)):
+        if not _NAME.match(str(value)):
+            raise ValueError(
+                f"model {label} {value!r} must start with a letter or digit and hold only letters, digits, . _ -"
+            )
+    models_dir = Path(models_dir)
+    final = models_dir / name / version
+    if final.exists() and not overwrite:
+        raise FileExistsError(f"{final} already exists; choose another version or overwrite it explicitly (--force)")
+
+    task = _estimator_task(estimator)
+    if task is None or not hasattr(estimator, "predict"):
+        raise ValueError(
+            f"a {type(estimator).__name__} is neither a classifier with predict_proba nor a regressor; "
+            "package a fitted scikit-learn estimator or pipeline"
+        )
+    from sklearn.exceptions import NotFittedError
+    from sklearn.utils.validation import check_is_fitted
+
+    try:
+        check_is_fitted(estimator)
+    except NotFittedError:
+        raise ValueError(f"the {type(estimator).__name__} is not fitted; fit it before packaging") from None
+
+    names = _feature_names(estimator, sample, feature_names)
+    if len(set(names)) != len(names):
+        raise ValueError(f"feature names are not unique: {names}")
+    n_in = getattr(estimator, "n_features_in_", None)
+    if n_in is not None and n_in != len(names):
+        raise ValueError(f"the model takes {n_in} features but {len(names)} names were given: {names}")
+    X, inferred_types = _sample_matrix(sample, names)
+    if X.shape[0] == 0:
+        raise ValueError("the sample has no rows")
+    if not np.isfinite(X).all():
+        raise ValueError("the sample holds NaN or infinite values; give a clean reference sample")
+    types = list(feature_types) if feature_types is not None else inferred_types
+    if len(types) != len(names) or any(t not in FEATURE_TYPES for t in types):
+        raise ValueError(f"give one feature type (float or int) per feature, in order; got {types} for {names}")
+
+    # Serving scores plain arrays and derives labels from probabilities: check both hold for this model.
+    try:
+        served = SklearnEngine(estimator, task).run(X)
+    except Exception as exc:
+        raise ValueError(
+            f"the model cannot score the sample as a plain numeric array ({type(exc).__name__}: {exc}); "
+            "models that select columns by name or take text are not supported"
+        ) from None
+    classes = None
+    if task == "classifier":
+        classes = [_plain(c) for c in estimator.classes_]
+        if served.ndim != 2 or served.shape[1] != len(classes):
+            raise ValueError("multi-output classifiers are not supported")
+        from_proba = np.asarray(estimator.classes_)[np.argmax(served, axis=1)]
+        disagree = int(np.sum(from_proba != np.asarray(estimator.predict(X))))
+        if disagree:
+            raise ValueError(
+                f"on {disagree} sample rows predict() disagrees with the most probable class of predict_proba(); "
+                "the service derives labels from probabilities, so package a model whose predict is the argmax "
+                "(e.g. calibrate it with CalibratedClassifierCV)"
+            )
+    elif served.shape != (X.shape[0],):
+        raise ValueError("multi-output regressors are not supported")
+
+    onnx_bytes, onnx_record = (None, {"kept": False, "reason": "disabled when packaging", "max_abs_diff": None})
+    if onnx:
+        onnx_bytes, onnx_record = _convert_onnx(estimator, task, X)
+
+    buffer = io.BytesIO()
+    joblib.dump(estimator, buffer, compress=0)  # uncompressed: loads fastest
+    files = {MODEL_JOBLIB: buffer.getvalue()}
+    if onnx_bytes is not None:
+        files[MODEL_ONNX] = onnx_bytes
+    manifest = Manifest(
+        name=name,
+        version=str(version),
+        created=datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+        task=task,  # type: ignore[arg-type]
+        features=[Feature(n, t) for n, t in zip(names, types, strict=True)],
+        classes=classes,
+        versions=runtime_versions(),
+        files={filename: _sha256(data) for filename, data in files.items()},
+        metrics=dict(metrics or {}),
+        reference=reference_statistics(X, names),
+        onnx=onnx_record,
+    )
+
+    parent = final.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=parent))
+    try:
+        for filename, data in files.items():
+            _write(staging / filename, data)
+        _write(staging / MANIFEST, (json.dumps(manifest.to_dict(), indent=2) + "\n").encode())
+        os.chmod(staging, 0o755)
+        if not final.exists():
+            os.rename(staging, final)
+        elif not overwrite:
+            raise FileExistsError(f"{final} appeared while building; choose another version or use --force")
+        elif _exchange(staging, final):
+            shutil.rmtree(staging)  # now holds the old package
+        else:
+            retired = Path(tempfile.mkdtemp(prefix=f".{version}.old.", dir=parent))
+            os.rename(final, retired / "package")
+            os.rename(staging, final)
+            shutil.rmtree(retired)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return final
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def _verify(path: Path, engine: str, onnx_threads: int) -> dict[str, Any]:
+    model = load_package(path, engine=engine, onnx_threads=onnx_threads)
+    row = np.array([[model.manifest.reference[n]["mean"] for n in model.feature_names]], dtype=np.float64)
+    labels, _ = model.score(row)
+    return {
+        "ok": True,
+        "package": str(path),
+        "name": model.name,
+        "version": model.version,
+        "task": model.task,
+        "engine": model.engine.name,
+        "features": model.feature_names,
+        "onnx_kept": bool(model.manifest.onnx.get("kept")),
+        "smoke_prediction": _plain(labels[0]),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m app.packaging", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    verify = commands.add_parser("verify", help="run the compatibility gate and one smoke score on a package folder")
+    verify.add_argument("path", type=Path, metavar="DIR", help="package folder <models dir>/<name>/<version>")
+    verify.add_argument("--engine", choices=("auto", "onnx", "sklearn"), default="auto")
+    verify.add_argument("--onnx-threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    try:
+        summary = _verify(args.path, args.engine, args.onnx_threads)
+    except PackageError as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    print(json.dumps(summary, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
