@@ -25,6 +25,7 @@ class RequestIdFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if not getattr(record, "request_id", None):
             record.request_id = request_id_var.get()
+        record.__dict__.pop("color_message", None)  # uvicorn's terminal-colour copy of the message
         return True
 
 

@@ -1,0 +1,40 @@
+"""Shared dependencies of the routers, as Annotated aliases."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Header, Request
+
+from app.registry import ModelRegistry
+from app.security import check_api_key
+from app.settings import Settings
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_registry(request: Request) -> ModelRegistry:
+    return request.app.state.registry
+
+
+def api_key(request: Request) -> None:
+    check_api_key(request, request.app.state.settings)
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
+ApiKey = Depends(api_key)
+UserId = Annotated[
+    str | None,
+    Header(
+        alias="X-User-ID",
+        max_length=256,
+        description="Stable user id: requests with the same id go to the same model version.",
+    ),
+]
+VersionOverride = Annotated[
+    str | None,
+    Header(alias="X-Model-Version", max_length=64, description="Serve this model version, bypassing the weights."),
+]

@@ -1,0 +1,87 @@
+"""gunicorn configuration: ``gunicorn -c app/gunicorn_conf.py "app.main:create_app()"``.
+
+Every value comes from app.settings (MLAPI_* variables). The master preloads
+the app and loads the models before forking, then freezes the garbage
+collector so the workers share the model's memory copy-on-write. SIGHUP
+(``systemctl reload``) reloads the model packages in the master, verified
+before they replace anything, then replaces the workers gracefully.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+# Make `import app` work however gunicorn was started.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from app.settings import SettingsError, load_settings  # noqa: E402
+
+try:
+    _settings = load_settings()
+except SettingsError as exc:
+    print(exc, file=sys.stderr)
+    raise SystemExit(78) from None  # EX_CONFIG: systemd's start limit stops the loop
+
+# Metrics from every worker land in one private directory; it must be empty at start
+# and set before prometheus_client is first imported.
+_metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+if not _metrics_dir:
+    _metrics_dir = tempfile.mkdtemp(prefix="mlapi-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = _metrics_dir
+Path(_metrics_dir).mkdir(parents=True, exist_ok=True)
+# gunicorn re-reads this file on SIGHUP; only a fresh master empties the directory.
+if not os.environ.get("MLAPI_MASTER_STARTED"):
+    for _entry in Path(_metrics_dir).iterdir():
+        if _entry.is_dir():
+            shutil.rmtree(_entry, ignore_errors=True)
+        else:
+            _entry.unlink(missing_ok=True)
+
+from app.logs import get_logger, logging_config  # noqa: E402
+
+bind = [_settings.bind]
+workers = _settings.workers
+worker_class = "uvicorn_worker.UvicornWorker"
+preload_app = True
+max_requests = _settings.max_requests
+max_requests_jitter = _settings.max_requests_jitter
+timeout = _settings.timeout
+graceful_timeout = _settings.graceful_timeout
+# Longer than NGINX's upstream keepalive_timeout, so NGINX closes idle connections first
+# and never reuses one that the service is closing.
+keepalive = _settings.keepalive
+forwarded_allow_ips = ",".join(_settings.trusted_proxies)
+logconfig_dict = logging_config(_settings.log_level)
+accesslog = None
+proc_name = "mlapi"
+# systemd signals manage the service; a per-user control socket would be shared by every instance.
+control_socket_disable = True
+
+
+def _registry(server):  # type: ignore[no-untyped-def]
+    return server.app.wsgi().state.registry
+
+
+def on_starting(server) -> None:  # type: ignore[no-untyped-def]
+    """Load and verify the models in the master, before the first worker forks."""
+    os.environ["MLAPI_MASTER_STARTED"] = "1"
+    _registry(server).load()
+    gc.freeze()
+
+
+def on_reload(server) -> None:  # type: ignore[no-untyped-def]
+    """SIGHUP: load new model packages; a package that fails the gate leaves the old one serving."""
+    _registry(server).load()
+    gc.freeze()
+    get_logger("gunicorn").info("reloaded model packages; replacing workers")
+
+
+def child_exit(server, worker) -> None:  # type: ignore[no-untyped-def]
+    from app.metrics import mark_process_dead
+
+    mark_process_dead(worker.pid)

@@ -1,0 +1,114 @@
+"""The prediction path shared by /v1 and /v2: pick a version, score once, record what happened."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from app.logs import get_logger
+from app.metrics import DRIFT, PREDICTIONS, SHADOW_AGREEMENT
+from app.packaging import LoadedModel
+from app.registry import ModelRegistry, ServedModel
+
+log = get_logger("inference")
+
+# Drift gauges are refreshed every this many observed rows, not on every request.
+DRIFT_REFRESH_ROWS = 200
+
+
+@dataclass
+class Scored:
+    model: LoadedModel
+    labels: np.ndarray  # class labels, or values for regressors
+    probabilities: np.ndarray | None
+
+    def predictions(self) -> list[Any]:
+        return self.labels.tolist()
+
+    def probability_maps(self) -> list[dict[str, float]] | None:
+        if self.probabilities is None:
+            return None
+        classes = [str(c) for c in self.model.classes or []]
+        return [dict(zip(classes, row)) for row in self.probabilities.tolist()]
+
+
+_rows_since_refresh: dict[tuple[str, str], int] = {}
+
+
+def observe_drift(registry: ModelRegistry, model: LoadedModel, X: np.ndarray) -> None:
+    monitor = registry.drift(model)
+    monitor.observe(X)
+    key = (model.name, model.version)
+    rows = _rows_since_refresh.get(key, 0) + len(X)
+    if rows < DRIFT_REFRESH_ROWS:
+        _rows_since_refresh[key] = rows
+        return
+    _rows_since_refresh[key] = 0  # a lost update between threads only delays the next refresh
+    scores = monitor.scores()
+    if scores:
+        for feature, value in scores.items():
+            DRIFT.labels(model.name, model.version, feature).set(value)
+
+
+def score(
+    registry: ModelRegistry,
+    served: ServedModel,
+    X: np.ndarray,
+    *,
+    user_id: str | None = None,
+    version: str | None = None,
+    state: Any = None,
+) -> Scored:
+    """Score X with the version the routing table picks; one call into the model for the whole batch."""
+    model = served.choose(user_id=user_id, override=version)
+    if state is not None:
+        state.model = model.name
+        state.version = model.version
+        state.engine = model.engine.name
+    labels, probabilities = model.score(X)
+    count_predictions(model, labels)
+    observe_drift(registry, model, X)
+    return Scored(model, labels, probabilities)
+
+
+def count_predictions(model: LoadedModel, labels: np.ndarray) -> None:
+    if model.task == "classifier":
+        values, counts = np.unique(labels.astype(str), return_counts=True)
+        for value, count in zip(values.tolist(), counts.tolist()):
+            PREDICTIONS.labels(model.name, model.version, value).inc(count)
+    else:
+        PREDICTIONS.labels(model.name, model.version, "").inc(len(labels))
+
+
+def shadow_score(served: ServedModel, primary: Scored, X: np.ndarray, request_id: str | None) -> None:
+    """Score the same rows with the shadow version, after the response has gone; log and count agreement."""
+    shadow = served.versions.get(served.shadow or "")
+    if shadow is None or shadow is primary.model:
+        return
+    try:
+        labels, _ = shadow.score(X)
+    except Exception:
+        log.exception("shadow scoring failed", extra={"model": served.name, "shadow": shadow.version})
+        return
+    if primary.model.task == "classifier":
+        agree = labels.astype(str) == primary.labels.astype(str)
+    else:
+        agree = np.isclose(labels.astype(float), primary.labels.astype(float), rtol=1e-3, atol=1e-6)
+    n_agree = int(agree.sum())
+    n = len(agree)
+    SHADOW_AGREEMENT.labels(served.name, primary.model.version, shadow.version, "true").inc(n_agree)
+    if n - n_agree:
+        SHADOW_AGREEMENT.labels(served.name, primary.model.version, shadow.version, "false").inc(n - n_agree)
+    log.info(
+        "shadow prediction",
+        extra={
+            "request_id": request_id,
+            "model": served.name,
+            "version": primary.model.version,
+            "shadow_version": shadow.version,
+            "instances": n,
+            "agreed": n_agree,
+        },
+    )

@@ -1,0 +1,109 @@
+"""The application factory.
+
+``create_app()`` builds the app from settings. Models are loaded by
+``app.state.registry.load()``: in the gunicorn master before workers fork
+(``app/gunicorn_conf.py``, so their memory is shared copy-on-write), or in the
+lifespan when the app runs without a preloading master (tests, a plain uvicorn).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from app.responses import FastJSONResponse
+from slowapi import Limiter
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+
+from app import __version__
+from app.errors import install_error_handlers
+from app.logs import configure_logging, get_logger
+from app.middleware import RequestContextMiddleware
+from app.packaging import Manifest, PackageError, discover
+from app.registry import ModelRegistry, _version_key
+from app.routes import health, models, predict, v2
+from app.security import rate_limit_key
+from app.settings import Settings, get_settings
+
+log = get_logger("app")
+
+
+def route_manifests(settings: Settings) -> dict[str, Manifest]:
+    """The newest readable manifest of each model: it shapes the request schema of that model's routes.
+
+    Only manifest.json is read here (no unpickling); the full gate runs at load.
+    """
+    models_dir = Path(settings.models_dir)
+    found = discover(models_dir) if models_dir.is_dir() else {}
+    manifests: dict[str, Manifest] = {}
+    for name in sorted(set(found) | set(settings.models)):
+        versions = sorted(found.get(name, []), key=_version_key, reverse=True)
+        route = settings.models.get(name)
+        if route is not None:
+            versions = sorted(route.versions, key=lambda v: -route.versions[v]) + versions
+        for version in versions:
+            try:
+                data = json.loads((models_dir / name / version / "manifest.json").read_text())
+                manifests[name] = Manifest.from_dict(data)
+                break
+            except (OSError, ValueError, KeyError, TypeError, PackageError):
+                continue
+    return manifests
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    configure_logging(settings.log_level)
+    registry = ModelRegistry(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if not registry.loaded and registry.last_error is None:
+            registry.load()
+        yield
+
+    app = FastAPI(
+        title="mlapi",
+        version=__version__,
+        description="Predictions from scikit-learn model packages. Errors share one JSON shape; see each route.",
+        default_response_class=FastJSONResponse,
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.registry = registry
+    limiter = Limiter(
+        key_func=rate_limit_key,
+        storage_uri=settings.rate_limit_storage_uri,
+        strategy="fixed-window",
+        enabled=settings.rate_limit_enabled,
+        # A store outage must not turn every prediction into a 500: /readyz reports it instead.
+        swallow_errors=True,
+        key_prefix="mlapi",
+    )
+    app.state.limiter = limiter
+
+    manifests = route_manifests(settings)
+    default = settings.default_model or next(iter(sorted(manifests)), None)
+    app.include_router(health.router)
+    app.include_router(predict.build_router(manifests, default, settings, limiter))
+    app.include_router(models.build_router(settings, limiter))
+    app.include_router(v2.build_router(settings, limiter))
+    install_error_handlers(app)
+
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Content-Type", "X-API-Key", "X-Request-ID", "X-User-ID", "X-Model-Version"],
+        )
+    if settings.trusted_hosts:
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=settings.trusted_hosts)
+    app.add_middleware(
+        RequestContextMiddleware, max_body_bytes=settings.max_body_bytes, access_log_enabled=settings.access_log
+    )
+    return app

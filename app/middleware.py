@@ -1,0 +1,157 @@
+"""The outermost layer of every request: request id, body size limit, access log, metrics, last-resort 500.
+
+A pure ASGI middleware (no BaseHTTPMiddleware) so it adds little to each request.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from typing import Any
+
+import orjson
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.errors import error_body
+from app.logs import ACCESS_LOGGER, get_logger, request_id_var
+from app.metrics import LATENCY, REQUESTS
+
+import logging
+
+access_log = logging.getLogger(ACCESS_LOGGER)
+log = get_logger("http")
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
+UNMATCHED = "unmatched"  # route label for 404s, so random paths do not grow the metrics
+
+
+class BodyTooLarge(StarletteHTTPException):
+    """Raised while the body streams in; an HTTPException so FastAPI's body parsing passes it through."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"request body larger than {limit} bytes; send fewer instances per request")
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+class RequestContextMiddleware:
+    def __init__(self, app: ASGIApp, *, max_body_bytes: int, access_log_enabled: bool = True) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.access_log_enabled = access_log_enabled
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        start = time.perf_counter()
+        incoming = _header(scope, b"x-request-id")
+        request_id = incoming if incoming and _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        token = request_id_var.set(request_id)
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        status_holder = {"status": 500, "started": False}
+        path = scope.get("path", "")
+
+        declared = _header(scope, b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+            await self._send_error(send, path, 413, self._too_large_message(), request_id)
+            status_holder["status"] = 413
+            self._finish(scope, state, 413, start)
+            request_id_var.reset(token)
+            return
+
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    raise BodyTooLarge(self.max_body_bytes)
+            return message
+
+        rid_header = (b"x-request-id", request_id.encode("latin-1"))
+
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status_holder["status"] = message["status"]
+                status_holder["started"] = True
+                message["headers"] = [*message.get("headers", []), rid_header]
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, send_wrapper)
+        except BodyTooLarge:
+            if not status_holder["started"]:
+                await self._send_error(send, path, 413, self._too_large_message(), request_id)
+            status_holder["status"] = 413
+        except Exception:
+            # Never a stack trace to the client: it goes to the log with the request id.
+            log.exception("unhandled error", extra={"path": path, "method": scope.get("method")})
+            if not status_holder["started"]:
+                await self._send_error(
+                    send, path, 500, f"internal error; quote request id {request_id} when reporting it", request_id
+                )
+            status_holder["status"] = 500
+        finally:
+            self._finish(scope, state, status_holder["status"], start)
+            request_id_var.reset(token)
+
+    def _too_large_message(self) -> str:
+        return f"request body larger than {self.max_body_bytes} bytes; send fewer instances per request"
+
+    async def _send_error(self, send: Send, path: str, status: int, message: str, request_id: str) -> None:
+        from app.errors import _STATUS_CODES
+
+        body = orjson.dumps(error_body(path, _STATUS_CODES[status], message, []))
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"x-request-id", request_id.encode("latin-1")),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+    def _finish(self, scope: Scope, state: dict[str, Any], status: int, start: float) -> None:
+        duration = time.perf_counter() - start
+        route = scope.get("route")
+        route_path = getattr(route, "path", None) or UNMATCHED
+        method = scope.get("method", "")
+        model = state.get("model", "")
+        version = state.get("version", "")
+        labels = (route_path, method, str(status), model, version)
+        REQUESTS.labels(*labels).inc()
+        LATENCY.labels(*labels).observe(duration)
+        if self.access_log_enabled:
+            client = scope.get("client")
+            access_log.info(
+                "request",
+                extra={
+                    "request_id": state.get("request_id"),
+                    "client_ip": client[0] if client else None,
+                    "method": method,
+                    "path": scope.get("path"),
+                    "route": route_path,
+                    "status": status,
+                    "duration_ms": round(duration * 1000, 3),
+                    "model": model or None,
+                    "version": version or None,
+                    "engine": state.get("engine"),
+                    "user_agent": _header(scope, b"user-agent"),
+                },
+            )

@@ -1,0 +1,228 @@
+"""The models being served: which versions are loaded, and which one answers a request.
+
+Loading happens once per gunicorn master before workers fork (so the model's
+memory is shared copy-on-write) and again on SIGHUP. A reload builds a complete
+new table first and only then swaps it in: a package that fails the
+compatibility gate never replaces one that is serving.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from app.drift import DriftMonitor
+from app.logs import get_logger
+from app.metrics import MODEL_INFO, MODEL_LOAD_FAILURES
+from app.packaging import LoadedModel, PackageError, discover, load_package
+from app.settings import Settings
+
+log = get_logger("registry")
+
+
+class UnknownModel(LookupError):
+    pass
+
+
+@dataclass
+class ServedModel:
+    """One model name: its loaded versions and how requests are split between them."""
+
+    name: str
+    versions: dict[str, LoadedModel]
+    weights: dict[str, float]  # primary versions only
+    shadow: str | None = None
+    failures: list[dict[str, str]] = field(default_factory=list)
+
+    @property
+    def default_version(self) -> str:
+        return max(self.weights, key=lambda v: self.weights[v])
+
+    def choose(self, user_id: str | None = None, override: str | None = None) -> LoadedModel:
+        """The version that serves a request.
+
+        An explicit version wins. Otherwise the weights decide: with a user id the
+        choice is a stable hash of (model, user), so a user stays on one version
+        across requests, workers, hosts and restarts; without one it is random.
+        """
+        if override is not None:
+            try:
+                return self.versions[override]
+            except KeyError:
+                raise UnknownModel(
+                    f"model {self.name!r} has no loaded version {override!r}; loaded: {sorted(self.versions)}"
+                ) from None
+        if len(self.weights) == 1:
+            return self.versions[next(iter(self.weights))]
+        point = stable_fraction(f"{self.name}:{user_id}") if user_id else random.random()
+        return self.versions[pick_weighted(self.weights, point)]
+
+
+def stable_fraction(text: str) -> float:
+    """A number in [0, 1) that depends only on ``text`` (never Python's salted hash())."""
+    digest = hashlib.sha256(text.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def pick_weighted(weights: dict[str, float], point: float) -> str:
+    total = sum(weights.values())
+    cumulative = 0.0
+    chosen = None
+    for version in sorted(weights, key=_version_key):
+        if weights[version] <= 0:
+            continue
+        chosen = version
+        cumulative += weights[version] / total
+        if point < cumulative:
+            return version
+    assert chosen is not None
+    return chosen
+
+
+def _version_key(v: str) -> tuple[Any, ...]:
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in v.replace("-", ".").split("."))
+
+
+class ModelRegistry:
+    """All served models; thread-safe swap of the whole table."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._models: dict[str, ServedModel] = {}
+        self._lock = threading.Lock()
+        self._drift: dict[tuple[str, str], DriftMonitor] = {}
+        self._stamps: dict[tuple[str, str], tuple[int, int, int] | None] = {}
+        self.loaded = False
+        self.last_error: str | None = None
+
+    # ----- loading -------------------------------------------------------
+    def load(self) -> dict[str, ServedModel]:
+        """Load (or reload) every configured model; keep what serves if a new package fails."""
+        models_dir = Path(self.settings.models_dir)
+        available = discover(models_dir) if models_dir.is_dir() else {}
+        previous = self._models
+        new: dict[str, ServedModel] = {}
+        errors: list[str] = []
+        names = set(available) | set(self.settings.models)
+        for name in sorted(names):
+            served = self._load_model(name, available.get(name, []), previous.get(name))
+            if served is not None:
+                new[name] = served
+                errors.extend(f["message"] for f in served.failures)
+            else:
+                errors.append(f"model {name!r}: no version could be loaded")
+        if not names:
+            errors.append(
+                f"no model packages in {models_dir.resolve()}; run `make models` or "
+                "scripts/package_model.py, or set MLAPI_MODELS_DIR"
+            )
+        with self._lock:
+            self._models = new
+            self._drift = {k: m for k, m in self._drift.items() if k[0] in new and k[1] in new[k[0]].versions}
+            self.loaded = bool(new)
+            self.last_error = "; ".join(errors) if errors else None
+        for served in new.values():
+            for version, model in served.versions.items():
+                MODEL_INFO.labels(served.name, version, model.engine.name).set(1)
+        for name, old in previous.items():
+            for version, model in old.versions.items():
+                if name not in new or new[name].versions.get(version) is not model:
+                    if name not in new or version not in new[name].versions:
+                        MODEL_INFO.labels(name, version, model.engine.name).set(0)
+        log.info(
+            "models loaded",
+            extra={
+                "models": {n: {v: m.engine.name for v, m in s.versions.items()} for n, s in new.items()},
+                "errors": errors or None,
+            },
+        )
+        return new
+
+    def _load_one(self, name: str, version: str, previous: ServedModel | None) -> LoadedModel:
+        path = Path(self.settings.models_dir) / name / version
+        old = previous.versions.get(version) if previous else None
+        stamp = _fingerprint(path)
+        if old is not None and stamp is not None and self._stamps.get((name, version)) == stamp:
+            return old  # unchanged on disk: keep the loaded object (and its shared memory)
+        model = load_package(path, engine=self.settings.engine, onnx_threads=self.settings.onnx_threads)
+        self._stamps[(name, version)] = stamp
+        return model
+
+    def _try(self, name: str, version: str, previous: ServedModel | None, failures: list[dict[str, str]]):
+        try:
+            return self._load_one(name, version, previous)
+        except PackageError as exc:
+            MODEL_LOAD_FAILURES.labels(name, version, exc.check).inc()
+            failures.append({"version": version, "check": exc.check, "message": str(exc)})
+            kept = previous.versions.get(version) if previous else None
+            log.error(
+                "model package refused",
+                extra={"model": name, "version": version, "check": exc.check, "detail": str(exc),
+                       "kept_serving": kept is not None},
+            )
+            return kept
+
+    def _load_model(self, name: str, versions_on_disk: list[str], previous: ServedModel | None) -> ServedModel | None:
+        failures: list[dict[str, str]] = []
+        route = self.settings.models.get(name)
+        if route is not None:
+            wanted = list(route.versions) + ([route.shadow] if route.shadow else [])
+            loaded = {}
+            for version in wanted:
+                model = self._try(name, version, previous, failures)
+                if model is not None:
+                    loaded[version] = model
+            weights = {v: w for v, w in route.versions.items() if v in loaded and w > 0}
+            if not weights:
+                return None
+            shadow = route.shadow if route.shadow in loaded else None
+            return ServedModel(name, loaded, weights, shadow, failures)
+        # No routing entry: serve the newest version that passes the gate.
+        for version in sorted(versions_on_disk, key=_version_key, reverse=True):
+            model = self._try(name, version, previous, failures)
+            if model is not None:
+                return ServedModel(name, {version: model}, {version: 1.0}, None, failures)
+        return None
+
+    # ----- lookup --------------------------------------------------------
+    @property
+    def models(self) -> dict[str, ServedModel]:
+        return self._models
+
+    def get(self, name: str) -> ServedModel:
+        try:
+            return self._models[name]
+        except KeyError:
+            raise UnknownModel(f"no model named {name!r} is loaded; loaded: {sorted(self._models)}") from None
+
+    @property
+    def default_name(self) -> str | None:
+        if self.settings.default_model:
+            return self.settings.default_model
+        return next(iter(sorted(self._models)), None)
+
+    def drift(self, model: LoadedModel) -> DriftMonitor:
+        key = (model.name, model.version)
+        monitor = self._drift.get(key)
+        if monitor is None:
+            monitor = DriftMonitor(
+                model.manifest,
+                window=self.settings.drift_window,
+                min_samples=self.settings.drift_min_samples,
+                alert_psi=self.settings.drift_alert_psi,
+            )
+            self._drift[key] = monitor
+        return monitor
+
+
+def _fingerprint(path: Path) -> tuple[int, int, int] | None:
+    """Identity of a package directory's manifest on disk: replaced or rewritten means reload."""
+    try:
+        st = (path / "manifest.json").stat()
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_mtime_ns)

@@ -1,0 +1,154 @@
+"""POST /v1/predict and friends: one instance or a batch, for the default model or a named one.
+
+Routes are made per model from its manifest, so each body schema names the
+model's real features. Endpoints are plain ``def``: FastAPI runs them in its
+threadpool, so inference never blocks the event loop.
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the per-model body
+# types from these closures' annotations at route creation.
+
+import inspect
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, BackgroundTasks, Request
+from app.responses import FastJSONResponse
+from pydantic import BaseModel
+from slowapi import Limiter
+
+from app.deps import ApiKey, RegistryDep, UserId, VersionOverride
+from app.errors import APIError
+from app.inference import Scored, score, shadow_score
+from app.packaging import Manifest
+from app.registry import ModelRegistry, UnknownModel
+from app.schemas import ERROR_RESPONSES, BatchPrediction, Prediction, request_models
+from app.settings import Settings
+
+
+def _matrix(instances: list[BaseModel], names: tuple[str, ...]) -> np.ndarray:
+    return np.array([[inst.__dict__[n] for n in names] for inst in instances], dtype=np.float64)
+
+
+def _run(
+    request: Request,
+    registry: ModelRegistry,
+    background: BackgroundTasks,
+    name: str,
+    X: np.ndarray,
+    user_id: str | None,
+    version: str | None,
+) -> Scored:
+    try:
+        served = registry.get(name)
+        scored = score(registry, served, X, user_id=user_id, version=version, state=request.state)
+    except UnknownModel as exc:
+        raise APIError(404, str(exc), code="model_not_found") from None
+    if served.shadow is not None:
+        background.add_task(shadow_score, served, scored, X, request.state.request_id)
+    return scored
+
+
+def build_router(manifests: dict[str, Manifest], default: str | None, settings: Settings, limiter: Limiter) -> APIRouter:
+    router = APIRouter(prefix="/v1", tags=["predict"], dependencies=[ApiKey], responses=ERROR_RESPONSES)
+    # One budget per client across every prediction route.
+    limit = limiter.shared_limit(settings.rate_limit_predict, scope="predict")
+
+    for name, manifest in manifests.items():
+        single_body, batch_body = request_models(manifest, settings.max_abs_value, settings.max_batch_size)
+        names = tuple(f.name for f in manifest.features)
+        paths = [f"/models/{name}/predict"] + (["/predict"] if name == default else [])
+        for path in paths:
+            _add_single(router, path, name, names, single_body, limit, versioned=False)
+        _add_single(router, f"/models/{name}/versions/{{version}}/predict", name, names, single_body, limit, True)
+        for path in [f"/models/{name}/predict/batch"] + (["/predict/batch"] if name == default else []):
+            _add_batch(router, path, name, names, batch_body, limit, versioned=False)
+        _add_batch(router, f"/models/{name}/versions/{{version}}/predict/batch", name, names, batch_body, limit, True)
+    return router
+
+
+def _add_single(router: APIRouter, path: str, name: str, names: tuple[str, ...], body_type: type, limit: Any, versioned: bool) -> None:
+    def predict(
+        request: Request,
+        version: str | None = None,
+        *,
+        body: Any,
+        background: BackgroundTasks,
+        registry: RegistryDep,
+        user_id: UserId = None,
+        model_version: VersionOverride = None,
+    ) -> FastJSONResponse:
+        X = _matrix([body.features], names)
+        scored = _run(request, registry, background, name, X, user_id, version or model_version)
+        probabilities = scored.probability_maps()
+        return FastJSONResponse(
+            {
+                "model": scored.model.name,
+                "version": scored.model.version,
+                "prediction": scored.predictions()[0],
+                "probabilities": probabilities[0] if probabilities is not None else None,
+                "request_id": request.state.request_id,
+            }
+        )
+
+    _bind(predict, body_type, versioned)
+    router.add_api_route(
+        path,
+        limit(predict),
+        methods=["POST"],
+        response_model=Prediction,
+        summary=f"Predict one instance with model {name!r}" + (" at a given version" if versioned else ""),
+        operation_id=_operation_id("predict", path),
+    )
+
+
+def _add_batch(router: APIRouter, path: str, name: str, names: tuple[str, ...], body_type: type, limit: Any, versioned: bool) -> None:
+    def predict_batch(
+        request: Request,
+        version: str | None = None,
+        *,
+        body: Any,
+        background: BackgroundTasks,
+        registry: RegistryDep,
+        user_id: UserId = None,
+        model_version: VersionOverride = None,
+    ) -> FastJSONResponse:
+        X = _matrix(body.instances, names)
+        scored = _run(request, registry, background, name, X, user_id, version or model_version)
+        return FastJSONResponse(
+            {
+                "model": scored.model.name,
+                "version": scored.model.version,
+                "predictions": scored.predictions(),
+                "probabilities": scored.probability_maps(),
+                "request_id": request.state.request_id,
+            }
+        )
+
+    _bind(predict_batch, body_type, versioned)
+    router.add_api_route(
+        path,
+        limit(predict_batch),
+        methods=["POST"],
+        response_model=BatchPrediction,
+        summary=f"Predict a batch of instances with model {name!r} in one call into the model",
+        operation_id=_operation_id("predict_batch", path),
+    )
+
+
+def _bind(endpoint: Any, body_type: type, versioned: bool) -> None:
+    """Give the endpoint its model's body type, and a path parameter `version` only where the path has one."""
+    params = []
+    for param in inspect.signature(endpoint).parameters.values():
+        if param.name == "body":
+            param = param.replace(annotation=body_type)
+        elif param.name == "version":
+            if not versioned:
+                continue
+            param = param.replace(annotation=str, default=inspect.Parameter.empty)
+        params.append(param)
+    endpoint.__signature__ = inspect.signature(endpoint).replace(parameters=params)
+
+
+def _operation_id(kind: str, path: str) -> str:
+    return kind + "_" + "".join(ch if ch.isalnum() else "_" for ch in path).strip("_")

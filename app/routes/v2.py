@@ -1,0 +1,260 @@
+"""Open Inference Protocol v2 (REST), so KServe, MLServer and Triton clients work unchanged.
+
+Inputs come either as one tensor of shape [n, n_features] in manifest order, or
+as one tensor per feature named after it (shape [n] or [n, 1]). Outputs follow
+MLServer's scikit-learn runtime: ``predict`` (labels or values) and, for
+classifiers, ``predict_proba`` ([n, n_classes], class order in parameters).
+Errors are ``{"error": "..."}`` as the protocol asks.
+"""
+
+from typing import Any, Literal
+
+import numpy as np
+from fastapi import APIRouter, BackgroundTasks, Request
+from app.responses import FastJSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from slowapi import Limiter
+
+from app import __version__
+from app.deps import ApiKey, RegistryDep
+from app.errors import APIError
+from app.inference import score, shadow_score
+from app.packaging import LoadedModel
+from app.registry import ModelRegistry, ServedModel, UnknownModel
+from app.routes.health import readiness
+from app.settings import Settings
+
+Datatype = Literal["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64"]
+
+
+class V2Error(BaseModel):
+    error: str
+
+
+class RequestInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(max_length=256)
+    shape: list[int] = Field(min_length=1, max_length=2)
+    datatype: Datatype
+    parameters: dict[str, Any] | None = None
+    data: list[Any]
+
+
+class RequestOutput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    parameters: dict[str, Any] | None = None
+
+
+class InferenceRequest(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "42",
+                    "inputs": [{"name": "input-0", "shape": [1, 4], "datatype": "FP64", "data": [5.1, 3.5, 1.4, 0.2]}],
+                }
+            ]
+        },
+    )
+    id: str | None = Field(None, max_length=256)
+    parameters: dict[str, Any] | None = None
+    inputs: list[RequestInput] = Field(min_length=1, max_length=1024)
+    outputs: list[RequestOutput] | None = None
+
+
+class ResponseOutput(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str
+    parameters: dict[str, Any] | None = None
+    data: list[Any]
+
+
+class InferenceResponse(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+    model_name: str
+    model_version: str | None = None
+    id: str | None = None
+    parameters: dict[str, Any] | None = None
+    outputs: list[ResponseOutput]
+
+
+V2_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": V2Error, "description": "Invalid inference request."},
+    404: {"model": V2Error, "description": "Unknown model or version."},
+    429: {"model": V2Error, "description": "Rate limit exceeded."},
+}
+
+
+def _bad(message: str) -> APIError:
+    return APIError(400, message)
+
+
+def to_matrix(body: InferenceRequest, model: LoadedModel, max_abs: float, max_rows: int) -> np.ndarray:
+    names = model.feature_names
+    k = len(names)
+    tensors = body.inputs
+    try:
+        if len(tensors) == 1 and tensors[0].name not in names:
+            t = tensors[0]
+            arr = np.asarray(t.data, dtype=np.float64).reshape(-1)
+            shape = t.shape if len(t.shape) == 2 else [1, t.shape[0]]
+            if shape[1] != k:
+                raise _bad(f"input {t.name!r}: expected shape [n, {k}] with features in the order {names}, got {t.shape}")
+            if arr.size != shape[0] * shape[1]:
+                raise _bad(f"input {t.name!r}: shape {t.shape} needs {shape[0] * shape[1]} values, got {arr.size}")
+            X = arr.reshape(shape[0], k)
+        else:
+            by_name = {t.name: t for t in tensors}
+            unknown = sorted(set(by_name) - set(names))
+            missing = [n for n in names if n not in by_name]
+            if unknown or missing:
+                raise _bad(
+                    f"inputs must be one [n, {k}] tensor or one tensor per feature {names}; "
+                    f"unknown: {unknown}, missing: {missing}"
+                )
+            columns = [np.asarray(by_name[n].data, dtype=np.float64).reshape(-1) for n in names]
+            lengths = {c.size for c in columns}
+            if len(lengths) != 1:
+                raise _bad(f"every feature tensor must hold the same number of rows; got sizes {sorted(lengths)}")
+            X = np.column_stack(columns)
+    except (TypeError, ValueError) as exc:
+        raise _bad(f"input data must be numbers: {exc}") from None
+    if X.shape[0] == 0:
+        raise _bad("no rows to score")
+    if X.shape[0] > max_rows:
+        raise APIError(413, f"{X.shape[0]} rows is more than the limit of {max_rows} per request")
+    if not np.isfinite(X).all():
+        raise _bad("input data must be finite numbers (no NaN or Infinity)")
+    if (np.abs(X) > max_abs).any():
+        raise _bad(f"input values must lie within +/-{max_abs:g}")
+    return X
+
+
+def _datatype(values: np.ndarray) -> str:
+    if values.dtype.kind in "fc":
+        return "FP64"
+    if values.dtype.kind in "iu":
+        return "INT64"
+    if values.dtype.kind == "b":
+        return "BOOL"
+    return "BYTES"
+
+
+def _model_metadata(served: ServedModel, model: LoadedModel) -> dict[str, Any]:
+    k = len(model.feature_names)
+    outputs = [{"name": "predict", "datatype": "BYTES" if model.task == "classifier" else "FP64", "shape": [-1]}]
+    if model.task == "classifier":
+        outputs.append({"name": "predict_proba", "datatype": "FP64", "shape": [-1, len(model.classes or [])]})
+    return {
+        "name": served.name,
+        "versions": sorted(served.versions),
+        "platform": "onnxruntime" if model.engine.name == "onnx" else "sklearn",
+        "inputs": [{"name": "input-0", "datatype": "FP64", "shape": [-1, k], "parameters": {"features": model.feature_names}}],
+        "outputs": outputs,
+        "parameters": {"version": model.version, "classes": model.classes, "engine": model.engine.name},
+    }
+
+
+def build_router(settings: Settings, limiter: Limiter) -> APIRouter:
+    router = APIRouter(prefix="/v2", tags=["open inference protocol v2"])
+    predict_limit = limiter.shared_limit(settings.rate_limit_predict, scope="predict")
+    api_limit = limiter.shared_limit(settings.rate_limit_default, scope="api")
+
+    def lookup(registry: ModelRegistry, name: str, version: str | None) -> tuple[ServedModel, LoadedModel]:
+        try:
+            served = registry.get(name)
+            return served, served.choose(override=version or served.default_version)
+        except UnknownModel as exc:
+            raise APIError(404, str(exc)) from None
+
+    @router.get("", summary="Server metadata")
+    def server_metadata() -> dict[str, Any]:
+        return {"name": "mlapi", "version": __version__, "extensions": []}
+
+    @router.get("/health/live", summary="Server liveness")
+    async def live() -> dict[str, Any]:
+        return {"live": True}
+
+    @router.get("/health/ready", summary="Server readiness (503 when not ready)")
+    def ready(request: Request) -> FastJSONResponse:
+        ok, reasons = readiness(request)
+        if not ok:
+            return FastJSONResponse({"ready": False, "error": "; ".join(reasons)}, status_code=503)
+        return FastJSONResponse({"ready": True})
+
+    def metadata(request: Request, registry: RegistryDep, name: str, version: str | None = None) -> FastJSONResponse:
+        served, model = lookup(registry, name, version)
+        return FastJSONResponse(_model_metadata(served, model))
+
+    def model_ready(request: Request, registry: RegistryDep, name: str, version: str | None = None) -> FastJSONResponse:
+        lookup(registry, name, version)
+        return FastJSONResponse({"name": name, "ready": True})
+
+    def infer(
+        request: Request,
+        body: InferenceRequest,
+        background: BackgroundTasks,
+        registry: RegistryDep,
+        name: str,
+        version: str | None = None,
+    ) -> FastJSONResponse:
+        try:
+            served = registry.get(name)
+        except UnknownModel as exc:
+            raise APIError(404, str(exc)) from None
+        if version is not None and version not in served.versions:
+            raise APIError(404, f"model {name!r} has no loaded version {version!r}; loaded: {sorted(served.versions)}")
+        reference = served.versions[version or served.default_version]
+        X = to_matrix(body, reference, settings.max_abs_value, settings.max_batch_size)
+        user = request.headers.get("x-user-id")
+        scored = score(registry, served, X, user_id=user, version=version, state=request.state)
+        if served.shadow is not None:
+            background.add_task(shadow_score, served, scored, X, request.state.request_id)
+        n = X.shape[0]
+        outputs = [
+            {"name": "predict", "shape": [n], "datatype": _datatype(scored.labels), "data": scored.labels.tolist()}
+        ]
+        if scored.probabilities is not None:
+            outputs.append(
+                {
+                    "name": "predict_proba",
+                    "shape": list(scored.probabilities.shape),
+                    "datatype": "FP64",
+                    "parameters": {"classes": scored.model.classes},
+                    "data": scored.probabilities.reshape(-1).tolist(),
+                }
+            )
+        if body.outputs:
+            wanted = {o.name for o in body.outputs}
+            unknown = wanted - {o["name"] for o in outputs}
+            if unknown:
+                raise _bad(f"unknown outputs {sorted(unknown)}; available: {[o['name'] for o in outputs]}")
+            outputs = [o for o in outputs if o["name"] in wanted]
+        return FastJSONResponse(
+            {
+                "model_name": name,
+                "model_version": scored.model.version,
+                "id": body.id if body.id is not None else request.state.request_id,
+                "outputs": outputs,
+            }
+        )
+
+    deps = [ApiKey]
+    for suffix in ("", "/versions/{version}"):
+        router.add_api_route(
+            f"/models/{{name}}{suffix}", api_limit(metadata), methods=["GET"], dependencies=deps,
+            responses=V2_ERRORS, summary="Model metadata", operation_id=f"v2_model_metadata{suffix.replace('/', '_').replace('{', '').replace('}', '')}",
+        )
+        router.add_api_route(
+            f"/models/{{name}}{suffix}/ready", api_limit(model_ready), methods=["GET"], dependencies=deps,
+            responses=V2_ERRORS, summary="Model readiness", operation_id=f"v2_model_ready{suffix.replace('/', '_').replace('{', '').replace('}', '')}",
+        )
+        router.add_api_route(
+            f"/models/{{name}}{suffix}/infer", predict_limit(infer), methods=["POST"], dependencies=deps,
+            responses=V2_ERRORS, response_model=InferenceResponse, summary="Inference",
+            operation_id=f"v2_infer{suffix.replace('/', '_').replace('{', '').replace('}', '')}",
+        )
+    return router

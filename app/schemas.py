@@ -1,0 +1,161 @@
+"""Request and response schemas.
+
+Request models are built from each model's manifest, so the OpenAPI schema and
+/docs show the real feature names and types, and validation errors name the
+feature that was wrong.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+
+from app.packaging import Manifest
+
+
+class FeaturesBase(BaseModel):
+    """Feature values by name; an ordered list of values is accepted too."""
+
+    model_config = ConfigDict(extra="forbid")
+    __feature_names__: tuple[str, ...] = ()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _ordered_list(cls, data: Any) -> Any:
+        if isinstance(data, (list, tuple)):
+            names = cls.__feature_names__
+            if len(data) != len(names):
+                raise ValueError(
+                    f"expected {len(names)} values in the order {list(names)}, got {len(data)}"
+                )
+            return dict(zip(names, data))
+        return data
+
+
+def _names(manifest: Manifest) -> list[str]:
+    return [f.name for f in manifest.features]
+
+
+def _class_name(model_name: str, suffix: str) -> str:
+    words = "".join(ch if ch.isalnum() else " " for ch in model_name).split()
+    return "".join(w[:1].upper() + w[1:] for w in words) + suffix
+
+
+def feature_model(manifest: Manifest, max_abs: float) -> type[FeaturesBase]:
+    """A pydantic model with one strict, finite, bounded number field per feature."""
+    fields: dict[str, Any] = {}
+    means = {f: (manifest.reference.get(f) or {}).get("mean") for f in _names(manifest)}
+    for feature in manifest.features:
+        example = means.get(feature.name)
+        number = int if feature.type == "int" else float
+        fields[feature.name] = (
+            Annotated[
+                number,
+                Field(
+                    strict=True,
+                    allow_inf_nan=False,
+                    ge=-max_abs,
+                    le=max_abs,
+                    description=f"{feature.name} ({feature.type})",
+                    examples=[round(float(example), 3)] if example is not None else None,
+                ),
+            ],
+            ...,
+        )
+    model = create_model(  # type: ignore[call-overload]
+        _class_name(manifest.name, "Features"),
+        __base__=FeaturesBase,
+        __doc__=f"Features of model {manifest.name!r}, by name (or as a list in this order).",
+        **fields,
+    )
+    model.__feature_names__ = tuple(_names(manifest))
+    return model
+
+
+def _example(manifest: Manifest) -> dict[str, float]:
+    return {
+        f: round(float((manifest.reference.get(f) or {}).get("mean", 0.0)), 3) for f in _names(manifest)
+    }
+
+
+def request_models(manifest: Manifest, max_abs: float, max_batch: int) -> tuple[type[BaseModel], type[BaseModel]]:
+    """(single, batch) request models for one model."""
+    features = feature_model(manifest, max_abs)
+    example = _example(manifest)
+    single = create_model(
+        _class_name(manifest.name, "PredictRequest"),
+        __config__=ConfigDict(extra="forbid", json_schema_extra={"examples": [{"features": example}]}),
+        features=(features, ...),
+    )
+    batch = create_model(
+        _class_name(manifest.name, "BatchRequest"),
+        __config__=ConfigDict(extra="forbid", json_schema_extra={"examples": [{"instances": [example, example]}]}),
+        instances=(Annotated[list[features], Field(min_length=1, max_length=max_batch)], ...),  # type: ignore[valid-type]
+    )
+    return single, batch
+
+
+class Prediction(BaseModel):
+    model: str = Field(description="Model name.")
+    version: str = Field(description="Model version that answered.")
+    prediction: str | int | float = Field(description="Class label (classifiers) or value (regressors).")
+    probabilities: dict[str, float] | None = Field(None, description="Probability per class label (classifiers).")
+    request_id: str
+
+    model_config = ConfigDict(
+        protected_namespaces=(),
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": "iris",
+                    "version": "1",
+                    "prediction": "setosa",
+                    "probabilities": {"setosa": 1.0, "versicolor": 0.0, "virginica": 0.0},
+                    "request_id": "4f1c2a9e0b7d4e6f8a1b2c3d4e5f6a7b",
+                }
+            ]
+        },
+    )
+
+
+class BatchPrediction(BaseModel):
+    model: str
+    version: str
+    predictions: list[str | int | float]
+    probabilities: list[dict[str, float]] | None = None
+    request_id: str
+
+    model_config = ConfigDict(protected_namespaces=())
+
+
+class ErrorDetail(BaseModel):
+    loc: list[str | int] = Field(default_factory=list)
+    msg: str
+    type: str | None = None
+
+
+class ErrorInfo(BaseModel):
+    code: str = Field(description="Stable machine-readable code, e.g. invalid_request, rate_limited.")
+    message: str
+    request_id: str | None
+    details: list[ErrorDetail] = Field(default_factory=list)
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": description}
+    for status, description in {
+        400: "Malformed JSON.",
+        401: "API key missing.",
+        403: "API key not accepted.",
+        404: "Unknown model or version.",
+        413: "Batch or body over the limit.",
+        422: "Invalid features: the details name each field.",
+        429: "Rate limit exceeded; see Retry-After.",
+        503: "Not ready: no model loaded or the rate-limit store is down.",
+    }.items()
+}

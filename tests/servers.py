@@ -1,0 +1,132 @@
+"""Real servers for tests: gunicorn serving the app, and Redis, on loopback ports, stopped by PID."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float = 60.0, interval: float = 0.1, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            if predicate():
+                return
+        except Exception as exc:  # the server may not be up yet
+            last = exc
+        time.sleep(interval)
+    raise TimeoutError(f"{what} not reached within {timeout}s (last error: {last})")
+
+
+class Process:
+    """A child process in its own process group, stopped by PID."""
+
+    def __init__(self, argv: list[str], env: dict[str, str] | None = None, cwd: Path = ROOT, log: Path | None = None):
+        self.log_path = log or Path(tempfile.mkstemp(prefix="mlapi-proc-", suffix=".log")[1])
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            argv, env=env, cwd=cwd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def output(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)  # the group we started, by its leader's PID
+                self.proc.wait(10)
+        self._log.close()
+
+
+class Gunicorn(Process):
+    def __init__(self, env: dict[str, str], port: int | None = None, workers: int = 2):
+        self.port = port or free_port()
+        self.metrics_dir = tempfile.mkdtemp(prefix="mlapi-prom-")
+        full_env = {
+            **os.environ,
+            "MLAPI_BIND": f"127.0.0.1:{self.port}",
+            "MLAPI_WORKERS": str(workers),
+            "PROMETHEUS_MULTIPROC_DIR": self.metrics_dir,
+            **env,
+        }
+        super().__init__(
+            [str(VENV_BIN / "gunicorn"), "-c", "app/gunicorn_conf.py", "app.main:create_app()"], env=full_env
+        )
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def wait_ready(self, timeout: float = 90.0) -> None:
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gunicorn exited with {self.proc.returncode}:\n{self.output()[-3000:]}")
+            return httpx.get(self.url + "/readyz", timeout=2).status_code == 200
+
+        wait_for(ready, timeout, what=f"gunicorn ready on {self.url}")
+
+    def stop(self, timeout: float = 30.0) -> None:
+        super().stop(timeout)
+        shutil.rmtree(self.metrics_dir, ignore_errors=True)
+
+
+@contextmanager
+def gunicorn(env: dict[str, str], workers: int = 2) -> Iterator[Gunicorn]:
+    server = Gunicorn(env, workers=workers)
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
+@contextmanager
+def redis_server() -> Iterator[str]:
+    """A private redis-server on a loopback port; yields its URL."""
+    port = free_port()
+    workdir = tempfile.mkdtemp(prefix="mlapi-redis-")
+    server = Process(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", workdir],
+    )
+    try:
+        def up() -> bool:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(16).startswith(b"+PONG")
+
+        wait_for(up, 20, what="redis-server")
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        server.stop()
+        shutil.rmtree(workdir, ignore_errors=True)

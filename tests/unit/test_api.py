@@ -1,0 +1,258 @@
+"""Every endpoint and every error case, through the real app in-process."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.unit.conftest import IRIS_ROW
+
+PREDICT = "/v1/predict"
+
+
+def assert_error_shape(body: dict, code: str) -> dict:
+    assert set(body) == {"error"}
+    err = body["error"]
+    assert set(err) == {"code", "message", "request_id", "details"}
+    assert err["code"] == code
+    assert err["message"]
+    assert err["request_id"]
+    return err
+
+
+def test_predict_by_name_returns_label_probabilities_and_request_id(client):
+    r = client.post(PREDICT, json={"features": IRIS_ROW})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["model"] == "iris"
+    assert body["version"] == "1"
+    assert body["prediction"] == "setosa"
+    assert set(body["probabilities"]) == {"setosa", "versicolor", "virginica"}
+    assert body["probabilities"]["setosa"] == max(body["probabilities"].values())
+    assert sum(body["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+    assert body["request_id"] == r.headers["x-request-id"]
+
+
+def test_predict_accepts_an_ordered_list(client):
+    by_name = client.post(PREDICT, json={"features": IRIS_ROW}).json()
+    by_list = client.post(PREDICT, json={"features": list(IRIS_ROW.values())}).json()
+    assert by_list["prediction"] == by_name["prediction"]
+    assert by_list["probabilities"] == by_name["probabilities"]
+
+
+def test_incoming_request_id_is_honoured(client):
+    r = client.post(PREDICT, json={"features": IRIS_ROW}, headers={"X-Request-ID": "abc-123"})
+    assert r.headers["x-request-id"] == "abc-123"
+    assert r.json()["request_id"] == "abc-123"
+
+
+def test_invalid_incoming_request_id_is_replaced(client):
+    r = client.post(PREDICT, json={"features": IRIS_ROW}, headers={"X-Request-ID": "bad id with spaces"})
+    assert r.headers["x-request-id"] != "bad id with spaces"
+    assert len(r.headers["x-request-id"]) == 32
+
+
+def test_regressor_returns_a_value_and_no_probabilities(client):
+    row = [0.01, -0.04, 0.06, 0.02, -0.04, -0.03, -0.04, -0.0, 0.02, -0.02]
+    r = client.post("/v1/models/diabetes/predict", json={"features": row})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["model"] == "diabetes"
+    assert isinstance(body["prediction"], float)
+    assert body["probabilities"] is None
+
+
+def test_batch_scores_every_instance_in_order(client):
+    rows = [IRIS_ROW, [6.7, 3.0, 5.2, 2.3], [5.9, 3.0, 4.2, 1.5]]
+    r = client.post("/v1/predict/batch", json={"instances": rows})
+    assert r.status_code == 200
+    body = r.json()
+    singles = [client.post(PREDICT, json={"features": row}).json()["prediction"] for row in rows]
+    assert body["predictions"] == singles
+    assert len(body["probabilities"]) == 3
+
+
+@pytest.mark.parametrize(
+    ("features", "loc", "words"),
+    [
+        ({k: v for k, v in IRIS_ROW.items() if k != "petal_width"}, ["body", "features", "petal_width"], "required"),
+        ({**IRIS_ROW, "colour": 1.0}, ["body", "features", "colour"], "unknown field"),
+        ({**IRIS_ROW, "sepal_width": "wide"}, ["body", "features", "sepal_width"], "valid number"),
+        ({**IRIS_ROW, "sepal_width": True}, ["body", "features", "sepal_width"], "valid number"),
+        ({**IRIS_ROW, "sepal_width": None}, ["body", "features", "sepal_width"], "valid number"),
+        ({**IRIS_ROW, "sepal_width": 1e12}, ["body", "features", "sepal_width"], "less than or equal"),
+        ({**IRIS_ROW, "sepal_width": -1e12}, ["body", "features", "sepal_width"], "greater than or equal"),
+        ([5.1, 3.5, 1.4], ["body", "features"], "expected 4 values"),
+    ],
+    ids=["missing", "extra", "string", "bool", "null", "huge", "huge-negative", "wrong-count"],
+)
+def test_invalid_features_get_422_naming_the_field(client, features, loc, words):
+    r = client.post(PREDICT, json={"features": features})
+    assert r.status_code == 422
+    err = assert_error_shape(r.json(), "invalid_request")
+    matching = [d for d in err["details"] if d["loc"] == loc]
+    assert matching, err["details"]
+    assert words in matching[0]["msg"]
+
+
+def test_misspelled_feature_suggests_the_right_name(client):
+    row = {**IRIS_ROW}
+    row["sepl_length"] = row.pop("sepal_length")
+    err = client.post(PREDICT, json={"features": row}).json()["error"]
+    extra = [d for d in err["details"] if d["loc"][-1] == "sepl_length"]
+    assert "did you mean 'sepal_length'" in extra[0]["msg"]
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
+def test_nan_and_infinity_are_refused(client, literal):
+    body = '{"features": {"sepal_length": %s, "sepal_width": 3.5, "petal_length": 1.4, "petal_width": 0.2}}' % literal
+    r = client.post(PREDICT, content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 422
+    err = assert_error_shape(r.json(), "invalid_request")
+    assert err["details"][0]["loc"] == ["body", "features", "sepal_length"]
+    assert "finite" in err["details"][0]["msg"]
+
+
+def test_malformed_json_is_400_not_500(client):
+    r = client.post(PREDICT, content=b'{"features": {', headers={"content-type": "application/json"})
+    assert r.status_code == 400
+    assert_error_shape(r.json(), "malformed_json")
+
+
+def test_missing_body_is_422(client):
+    r = client.post(PREDICT)
+    assert r.status_code == 422
+    assert_error_shape(r.json(), "invalid_request")
+
+
+def test_batch_over_the_limit_is_413(make_client, demo_models):
+    with make_client(demo_models, max_batch_size=5) as c:
+        r = c.post("/v1/predict/batch", json={"instances": [IRIS_ROW] * 6})
+    assert r.status_code == 413
+    err = assert_error_shape(r.json(), "payload_too_large")
+    assert "5" in err["message"]
+
+
+def test_body_over_the_size_limit_is_413(make_client, demo_models):
+    with make_client(demo_models, max_body_bytes=2048) as c:
+        r = c.post("/v1/predict/batch", json={"instances": [IRIS_ROW] * 100})
+    assert r.status_code == 413
+    assert_error_shape(r.json(), "payload_too_large")
+
+
+def test_chunked_body_over_the_size_limit_is_413(make_client, demo_models):
+    payload = json.dumps({"instances": [IRIS_ROW] * 100}).encode()
+
+    def chunks():
+        for i in range(0, len(payload), 512):
+            yield payload[i : i + 512]
+
+    with make_client(demo_models, max_body_bytes=2048) as c:
+        r = c.post("/v1/predict/batch", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413
+    assert_error_shape(r.json(), "payload_too_large")
+
+
+def test_unknown_model_is_404(client):
+    r = client.get("/v1/models/nope")
+    assert r.status_code == 404
+    assert_error_shape(r.json(), "model_not_found")
+
+
+def test_unknown_version_is_404(client):
+    r = client.post("/v1/models/iris/versions/9/predict", json={"features": IRIS_ROW})
+    assert r.status_code == 404
+    assert "no loaded version '9'" in r.json()["error"]["message"]
+
+
+def test_unknown_route_is_404_in_the_error_shape(client):
+    r = client.get("/v1/nothing-here")
+    assert r.status_code == 404
+    assert_error_shape(r.json(), "not_found")
+
+
+def test_wrong_method_is_405_in_the_error_shape(client):
+    r = client.get(PREDICT)
+    assert r.status_code == 405
+    assert_error_shape(r.json(), "method_not_allowed")
+
+
+def test_models_lists_manifest_data_engine_and_drift(client):
+    body = client.get("/v1/models").json()
+    assert body["default_model"] == "iris"
+    names = {m["name"] for m in body["models"]}
+    assert {"iris", "iris-logreg", "diabetes"} <= names
+    iris = client.get("/v1/models/iris").json()
+    v1 = iris["versions"][0]
+    assert [f["name"] for f in v1["features"]] == list(IRIS_ROW)
+    assert v1["classes"] == ["setosa", "versicolor", "virginica"]
+    assert v1["engine"] in {"onnx", "sklearn"}
+    assert "validation_accuracy" in v1["metrics"]
+    assert v1["drift"]["method"] == "psi"
+
+
+def test_health_and_readiness(client):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200
+    assert "iris" in ready.json()["models"]
+
+
+def test_not_ready_without_models(make_client, tmp_path):
+    with make_client(tmp_path) as c:
+        r = c.get("/readyz")
+        assert r.status_code == 503
+        err = assert_error_shape(r.json(), "not_ready")
+        assert "no model packages" in err["message"]
+        assert c.get("/healthz").status_code == 200
+
+
+def test_not_ready_when_the_rate_limit_store_is_down(make_client, demo_models):
+    from tests.servers import free_port
+
+    with make_client(demo_models, rate_limit_storage_uri=f"redis://127.0.0.1:{free_port()}/0") as c:
+        r = c.get("/readyz")
+    assert r.status_code == 503
+    assert "rate-limit store" in r.json()["error"]["message"]
+
+
+def test_openapi_shows_the_real_feature_names_and_types(client):
+    schema = client.get("/openapi.json").json()
+    features = schema["components"]["schemas"]["IrisFeatures"]
+    assert list(features["properties"]) == list(IRIS_ROW)
+    assert all(p["type"] == "number" for p in features["properties"].values())
+    assert set(features["required"]) == set(IRIS_ROW)
+    assert "/v1/models/iris/predict" in schema["paths"]
+    assert "/v2/models/{name}/infer" in schema["paths"]
+
+
+def test_docs_page_is_served(client):
+    r = client.get("/docs")
+    assert r.status_code == 200
+    assert "swagger" in r.text.lower()
+
+
+def test_metrics_expose_request_and_prediction_counts(client):
+    client.post(PREDICT, json={"features": IRIS_ROW})
+    text = client.get("/metrics").text
+    assert 'mlapi_predictions_total{label="setosa",model="iris",version="1"}' in text
+    assert 'mlapi_http_requests_total{method="POST",model="iris",route="/v1/predict",status="200",version="1"}' in text
+
+
+def test_unhandled_errors_are_500_without_a_traceback(make_client, demo_models, monkeypatch, capsys):
+    from app.packaging import LoadedModel
+
+    def broken(self, X):
+        raise RuntimeError("secret internal detail")
+
+    monkeypatch.setattr(LoadedModel, "score", broken)
+    with make_client(demo_models) as c:
+        r = c.post(PREDICT, json={"features": IRIS_ROW})
+    assert r.status_code == 500
+    err = assert_error_shape(r.json(), "internal_error")
+    assert "secret" not in r.text and "Traceback" not in r.text
+    logged = capsys.readouterr().err
+    line = next(json.loads(l) for l in logged.splitlines() if "unhandled error" in l)
+    assert line["request_id"] == err["request_id"]
+    assert "secret internal detail" in line["traceback"]
