@@ -1,0 +1,101 @@
+"""Scoring engines: ONNX Runtime and scikit-learn agree, one model call per batch, labels from probabilities."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.datasets import load_diabetes, load_iris
+from sklearn.ensemble import RandomForestClassifier
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import StandardScaler
+
+from app.engines import OnnxEngine, SklearnEngine
+from app.packaging import LoadedModel, load_package
+
+
+@pytest.fixture(scope="module")
+def iris_X() -> np.ndarray:
+    return load_iris().data
+
+
+@pytest.fixture(scope="module")
+def diabetes_X() -> np.ndarray:
+    return load_diabetes().data
+
+
+class CountingForest(RandomForestClassifier):
+    """A real forest that counts how often it is asked to score."""
+
+    calls: dict[str, int]
+
+    def predict(self, X):
+        self.calls["predict"] += 1
+        return super().predict(X)
+
+    def predict_proba(self, X):
+        self.calls["predict_proba"] += 1
+        return super().predict_proba(X)
+
+
+@pytest.mark.parametrize("name", ["iris", "iris-logreg"])
+def test_onnx_and_sklearn_give_the_same_labels_and_probabilities(demo_models: Path, iris_X: np.ndarray, name: str):
+    onnx = load_package(demo_models / name / "1", engine="onnx")
+    sk = load_package(demo_models / name / "1", engine="sklearn")
+    onnx_labels, onnx_proba = onnx.score(iris_X)
+    sk_labels, sk_proba = sk.score(iris_X)
+    assert onnx_labels.tolist() == sk_labels.tolist()
+    np.testing.assert_allclose(onnx_proba, sk_proba, atol=1e-5, rtol=0)
+
+
+def test_onnx_and_sklearn_give_the_same_regression_values(demo_models: Path, diabetes_X: np.ndarray):
+    onnx_values, onnx_none = load_package(demo_models / "diabetes" / "1", engine="onnx").score(diabetes_X)
+    sk_values, sk_none = load_package(demo_models / "diabetes" / "1", engine="sklearn").score(diabetes_X)
+    assert onnx_none is None and sk_none is None
+    assert onnx_values.dtype == np.float64 and onnx_values.shape == (len(diabetes_X),)
+    np.testing.assert_allclose(onnx_values, sk_values, rtol=1e-5)
+
+
+@pytest.mark.parametrize("engine", ["onnx", "sklearn"])
+def test_labels_are_the_most_probable_class(demo_models: Path, iris_X: np.ndarray, engine: str):
+    model = load_package(demo_models / "iris" / "1", engine=engine)
+    labels, proba = model.score(iris_X)
+    assert proba.dtype == np.float64 and proba.shape == (len(iris_X), 3)
+    assert labels.tolist() == [model.classes[i] for i in np.argmax(proba, axis=1)]
+
+
+def test_sklearn_engine_scores_a_batch_with_one_predict_proba_call(demo_models: Path, iris_X: np.ndarray):
+    packaged = load_package(demo_models / "iris" / "1", engine="sklearn")
+    y = np.asarray(packaged.classes)[load_iris().target]
+    forest = CountingForest(n_estimators=10, random_state=0).fit(iris_X, y)
+    forest.calls = {"predict": 0, "predict_proba": 0}
+    model = LoadedModel(packaged.manifest, packaged.path, SklearnEngine(forest, "classifier"))
+    labels, _ = model.score(iris_X)
+    assert forest.calls == {"predict": 0, "predict_proba": 1}
+    assert labels.tolist() == RandomForestClassifier.predict(forest, iris_X).tolist()
+
+
+def test_sklearn_engine_keeps_models_to_one_thread(iris_X: np.ndarray):
+    y = load_iris().target
+    pipeline = Pipeline(
+        [("scale", StandardScaler()), ("forest", RandomForestClassifier(n_estimators=5, n_jobs=-1, random_state=0))]
+    ).fit(iris_X, y)
+    SklearnEngine(pipeline, "classifier")
+    assert pipeline.named_steps["forest"].n_jobs == 1
+
+
+def test_onnx_engine_uses_the_configured_threads_and_the_models_input_type(demo_models: Path):
+    engine = OnnxEngine((demo_models / "iris" / "1" / "model.onnx").read_bytes(), "classifier", threads=1)
+    options = engine.session.get_session_options()
+    assert options.intra_op_num_threads == 1 and options.inter_op_num_threads == 1
+    assert engine.input_dtype is np.float32 and engine.output_names == ["probabilities"]
+
+
+@pytest.mark.parametrize("rows", [1, 7, 1000])
+def test_onnx_engine_scores_any_batch_size(demo_models: Path, rows: int):
+    model = load_package(demo_models / "iris" / "1", engine="onnx")
+    X = np.tile([[5.1, 3.5, 1.4, 0.2]], (rows, 1))
+    labels, proba = model.score(X)
+    assert labels.shape == (rows,) and set(labels.tolist()) == {"setosa"}
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0, atol=1e-5)
