@@ -91,14 +91,15 @@ def _add_single(router: APIRouter, path: str, name: str, names: tuple[str, ...],
             }
         )
 
-    _bind(predict, body_type, versioned)
+    operation_id = _operation_id("predict", path)
+    _bind(predict, body_type, versioned, operation_id)
     router.add_api_route(
         path,
         limit(predict),
         methods=["POST"],
         response_model=Prediction,
         summary=f"Predict one instance with model {name!r}" + (" at a given version" if versioned else ""),
-        operation_id=_operation_id("predict", path),
+        operation_id=operation_id,
     )
 
 
@@ -125,19 +126,25 @@ def _add_batch(router: APIRouter, path: str, name: str, names: tuple[str, ...], 
             }
         )
 
-    _bind(predict_batch, body_type, versioned)
+    operation_id = _operation_id("predict_batch", path)
+    _bind(predict_batch, body_type, versioned, operation_id)
     router.add_api_route(
         path,
         limit(predict_batch),
         methods=["POST"],
         response_model=BatchPrediction,
         summary=f"Predict a batch of instances with model {name!r} in one call into the model",
-        operation_id=_operation_id("predict_batch", path),
+        operation_id=operation_id,
     )
 
 
-def _bind(endpoint: Any, body_type: type, versioned: bool) -> None:
-    """Give the endpoint its model's body type, and a path parameter `version` only where the path has one."""
+def _bind(endpoint: Any, body_type: type, versioned: bool, operation_id: str) -> None:
+    """Give the endpoint its model's body type, and a path parameter `version` only where the path has one.
+
+    Each closure also gets its own name: slowapi files limits by function name,
+    and closures sharing one would each count every request again.
+    """
+    endpoint.__name__ = endpoint.__qualname__ = operation_id
     params = []
     for param in inspect.signature(endpoint).parameters.values():
         if param.name == "body":

@@ -7,6 +7,7 @@ classifiers, ``predict_proba`` ([n, n_classes], class order in parameters).
 Errors are ``{"error": "..."}`` as the protocol asks.
 """
 
+import functools
 from typing import Any, Literal
 
 import numpy as np
@@ -158,6 +159,15 @@ def _model_metadata(served: ServedModel, model: LoadedModel) -> dict[str, Any]:
     }
 
 
+def _renamed(func: Any, name: str) -> Any:
+    @functools.wraps(func)
+    def endpoint(*args: Any, **kwargs: Any) -> Any:
+        return func(*args, **kwargs)
+
+    endpoint.__name__ = endpoint.__qualname__ = name
+    return endpoint
+
+
 def build_router(settings: Settings, limiter: Limiter) -> APIRouter:
     router = APIRouter(prefix="/v2", tags=["open inference protocol v2"])
     predict_limit = limiter.shared_limit(settings.rate_limit_predict, scope="predict")
@@ -244,17 +254,23 @@ def build_router(settings: Settings, limiter: Limiter) -> APIRouter:
 
     deps = [ApiKey]
     for suffix in ("", "/versions/{version}"):
-        router.add_api_route(
-            f"/models/{{name}}{suffix}", api_limit(metadata), methods=["GET"], dependencies=deps,
-            responses=V2_ERRORS, summary="Model metadata", operation_id=f"v2_model_metadata{suffix.replace('/', '_').replace('{', '').replace('}', '')}",
-        )
-        router.add_api_route(
-            f"/models/{{name}}{suffix}/ready", api_limit(model_ready), methods=["GET"], dependencies=deps,
-            responses=V2_ERRORS, summary="Model readiness", operation_id=f"v2_model_ready{suffix.replace('/', '_').replace('{', '').replace('}', '')}",
-        )
-        router.add_api_route(
-            f"/models/{{name}}{suffix}/infer", predict_limit(infer), methods=["POST"], dependencies=deps,
-            responses=V2_ERRORS, response_model=InferenceResponse, summary="Inference",
-            operation_id=f"v2_infer{suffix.replace('/', '_').replace('{', '').replace('}', '')}",
-        )
+        tag = "_versioned" if suffix else ""
+        for kind, endpoint, method, limit, extra in (
+            ("metadata", metadata, "GET", api_limit, {}),
+            ("ready", model_ready, "GET", api_limit, {}),
+            ("infer", infer, "POST", predict_limit, {"response_model": InferenceResponse}),
+        ):
+            operation_id = f"v2_model_{kind}{tag}"
+            # A distinct function per route: slowapi files limits by function name.
+            route_endpoint = _renamed(endpoint, operation_id)
+            router.add_api_route(
+                f"/models/{{name}}{suffix}" + ("" if kind == "metadata" else f"/{kind}"),
+                limit(route_endpoint),
+                methods=[method],
+                dependencies=deps,
+                responses=V2_ERRORS,
+                summary={"metadata": "Model metadata", "ready": "Model readiness", "infer": "Inference"}[kind],
+                operation_id=operation_id,
+                **extra,
+            )
     return router

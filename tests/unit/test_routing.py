@@ -1,0 +1,156 @@
+"""Versions side by side: weights, sticky users, explicit overrides, shadows and hot swaps."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from app.registry import ModelRegistry, pick_weighted, stable_fraction
+from app.settings import Settings
+from tests.unit.conftest import IRIS_ROW, metric
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def add_version(models: Path, version: str, only: str = "iris") -> None:
+    subprocess.run(
+        [sys.executable, str(ROOT / "scripts/train_model.py"), "--models-dir", str(models), "--version", version,
+         "--only", only],
+        check=True, capture_output=True,
+    )
+
+
+@pytest.fixture(scope="module")
+def two_versions(tmp_path_factory, demo_models) -> Path:
+    models = tmp_path_factory.mktemp("two") / "models"
+    shutil.copytree(demo_models, models)
+    add_version(models, "2")
+    return models
+
+
+def test_stable_fraction_is_deterministic_and_independent_of_python_hash_seed():
+    code = "from app.registry import stable_fraction; print(stable_fraction('iris:user-7'))"
+    outputs = {
+        subprocess.run(
+            [sys.executable, "-c", code], env={"PYTHONHASHSEED": seed}, cwd=ROOT, capture_output=True, text=True,
+            check=True,
+        ).stdout
+        for seed in ("1", "2", "3")
+    }
+    assert len(outputs) == 1
+    assert float(outputs.pop()) == stable_fraction("iris:user-7")
+
+
+@pytest.mark.parametrize(("point", "expected"), [(0.0, "1"), (0.899, "1"), (0.9, "2"), (0.999, "2")])
+def test_pick_weighted_splits_by_cumulative_weight(point, expected):
+    assert pick_weighted({"1": 90, "2": 10}, point) == expected
+
+
+def test_weights_split_traffic_in_proportion(make_client, two_versions):
+    routes = {"iris": {"versions": {"1": 70, "2": 30}}}
+    with make_client(two_versions, models=routes) as c:
+        seen = Counter(
+            c.post("/v1/predict", json={"features": IRIS_ROW}, headers={"X-User-ID": f"u{i}"}).json()["version"]
+            for i in range(400)
+        )
+    assert 0.6 < seen["1"] / 400 < 0.8
+    assert seen["1"] + seen["2"] == 400
+
+
+def test_same_user_always_gets_the_same_version(make_client, two_versions):
+    routes = {"iris": {"versions": {"1": 50, "2": 50}}}
+    with make_client(two_versions, models=routes) as c:
+        for user in ("alice", "bob", "carol", "dave"):
+            versions = {
+                c.post("/v1/predict", json={"features": IRIS_ROW}, headers={"X-User-ID": user}).json()["version"]
+                for _ in range(10)
+            }
+            assert len(versions) == 1
+
+
+@pytest.mark.parametrize("via", ["path", "header"])
+def test_explicit_version_overrides_the_weights(make_client, two_versions, via):
+    routes = {"iris": {"versions": {"1": 100, "2": 0}, "shadow": None}}
+    with make_client(two_versions, models=routes) as c:
+        if via == "path":
+            r = c.post("/v1/models/iris/versions/2/predict", json={"features": IRIS_ROW})
+        else:
+            r = c.post("/v1/predict", json={"features": IRIS_ROW}, headers={"X-Model-Version": "2"})
+    assert r.status_code == 200
+    assert r.json()["version"] == "2"
+
+
+def test_without_routing_the_newest_version_serves(make_client, two_versions):
+    with make_client(two_versions) as c:
+        assert c.post("/v1/predict", json={"features": IRIS_ROW}).json()["version"] == "2"
+
+
+def test_shadow_scores_off_the_response_path_and_counts_agreement(make_client, two_versions, capsys):
+    routes = {"iris": {"versions": {"1": 100}, "shadow": "2"}}
+    labels = {"agree": "true", "model": "iris", "primary": "1", "shadow": "2"}
+    with make_client(two_versions, models=routes) as c:
+        before = metric(c.get("/metrics").text, "mlapi_shadow_predictions_total", **labels)
+        r = c.post("/v1/predict/batch", json={"instances": [IRIS_ROW] * 5})
+        assert r.json()["version"] == "1"
+        after = metric(c.get("/metrics").text, "mlapi_shadow_predictions_total", **labels)
+    assert after - before == 5
+    lines = [json.loads(l) for l in capsys.readouterr().err.splitlines() if "shadow prediction" in l]
+    assert lines and lines[0]["shadow_version"] == "2" and lines[0]["agreed"] == 5
+    assert lines[0]["request_id"] == r.json()["request_id"]
+
+
+def _tamper(package: Path) -> None:
+    with open(package / "model.joblib", "ab") as f:
+        f.write(b"tampered")
+
+
+def test_reload_picks_up_a_new_version(models_copy):
+    registry = ModelRegistry(Settings(models_dir=models_copy))
+    registry.load()
+    assert list(registry.get("iris").versions) == ["1"]
+    add_version(models_copy, "2")
+    registry.load()
+    assert list(registry.get("iris").versions) == ["2"]
+
+
+def test_a_bad_new_version_is_refused_and_the_old_keeps_serving(models_copy):
+    registry = ModelRegistry(Settings(models_dir=models_copy))
+    registry.load()
+    old = registry.get("iris").versions["1"]
+    add_version(models_copy, "2")
+    _tamper(models_copy / "iris" / "2")
+    registry.load()
+    served = registry.get("iris")
+    assert served.versions == {"1": old}
+    assert served.failures[0]["version"] == "2"
+    assert served.failures[0]["check"] == "sha256"
+
+
+def test_a_loaded_version_whose_files_go_bad_keeps_serving_from_memory(models_copy):
+    registry = ModelRegistry(Settings(models_dir=models_copy, models={"iris": {"versions": {"1": 1}}}))
+    registry.load()
+    old = registry.get("iris").versions["1"]
+    manifest = models_copy / "iris" / "1" / "manifest.json"
+    data = json.loads(manifest.read_text())
+    data["versions"]["sklearn"] = "0.0.1"
+    manifest.write_text(json.dumps(data))
+    registry.load()
+    assert registry.get("iris").versions["1"] is old
+    assert registry.get("iris").failures[0]["check"] == "versions"
+
+
+def test_load_failures_are_counted_in_metrics(models_copy, make_client):
+    labels = {"check": "sha256", "model": "iris", "version": "1"}
+    with make_client(models_copy) as c:
+        before = metric(c.get("/metrics").text, "mlapi_model_load_failures_total", **labels)
+    _tamper(models_copy / "iris" / "1")
+    with make_client(models_copy) as c:
+        after = metric(c.get("/metrics").text, "mlapi_model_load_failures_total", **labels)
+        assert c.get("/v1/models/iris").status_code == 404
+    assert after - before == 1
