@@ -1,0 +1,284 @@
+"""Real NGINX in front of real gunicorn instances, on loopback, for the NGINX integration tests.
+
+The configuration is rendered by the nginx role itself (``tasks_from: config``, the same
+templates and argument checks as on a host) into a scratch prefix: ports on 127.0.0.1,
+paths under the prefix, a self-signed certificate for ``SERVER_NAME``. NGINX and gunicorn
+run as child processes and are stopped by PID.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+VENV_BIN = Path(sys.executable).parent
+ROLES_PATH = REPO / "deploy" / "ansible" / "roles"
+SERVER_NAME = "api.mlapi.test"
+PREDICT_BODY = json.dumps(
+    {"features": {"sepal_length": 5.1, "sepal_width": 3.5, "petal_length": 1.4, "petal_width": 0.2}}
+).encode()
+ERROR_FIELDS = {"code", "message", "request_id", "details"}
+
+_RENDER_PLAYBOOK = """\
+- name: Render the NGINX configuration as the nginx role does on a host
+  hosts: localhost
+  gather_facts: false
+  tasks:
+    - name: Render through the role
+      ansible.builtin.include_role:
+        name: nginx
+        tasks_from: config
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate, what: str, attempts: int = 300, pause: float = 0.1) -> None:
+    """Poll a bounded number of times; the failure names what never happened."""
+    for _ in range(attempts):
+        if predicate():
+            return
+        time.sleep(pause)
+    raise AssertionError(f"gave up waiting: {what}")
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def make_self_signed(directory: Path, name: str = SERVER_NAME) -> tuple[Path, Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    cert, key = directory / "fullchain.pem", directory / "privkey.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+         "-nodes", "-days", "2", "-subj", f"/CN={name}", "-addext", f"subjectAltName=DNS:{name}",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )
+    return cert, key
+
+
+def make_models(directory: Path) -> Path:
+    subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "train_model.py"), "--models-dir", str(directory)],
+        check=True, capture_output=True, cwd=REPO,
+    )
+    return directory
+
+
+@dataclass
+class Process:
+    """A child process stopped by its PID."""
+
+    popen: subprocess.Popen
+    log: Path
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.popen.poll() is None:
+            os.kill(self.popen.pid, sig)
+            try:
+                self.popen.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.kill(self.popen.pid, signal.SIGKILL)
+                self.popen.wait(timeout=30)
+
+
+def start_gunicorn(workdir: Path, models_dir: Path, port: int) -> Process:
+    """The real service: gunicorn serving app.main:create_app() on 127.0.0.1:port."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    prometheus_dir = workdir / "prometheus"
+    prometheus_dir.mkdir(exist_ok=True)
+    env = dict(os.environ)
+    env.update(
+        MLAPI_BIND=f"127.0.0.1:{port}",
+        MLAPI_WORKERS="1",
+        MLAPI_DEFAULT_MODEL="iris",
+        MLAPI_MODELS_DIR=str(models_dir),
+        MLAPI_RATE_LIMIT_STORAGE_URI="memory://",
+        PROMETHEUS_MULTIPROC_DIR=str(prometheus_dir),
+    )
+    log = workdir / "gunicorn.log"
+    with log.open("wb") as out:
+        popen = subprocess.Popen(
+            [str(VENV_BIN / "gunicorn"), "-c", "app/gunicorn_conf.py", "app.main:create_app()"],
+            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+        )
+    process = Process(popen, log)
+
+    def ready() -> bool:
+        if popen.poll() is not None:
+            raise AssertionError(f"gunicorn on port {port} exited:\n{log.read_text()[-3000:]}")
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            conn.request("GET", "/readyz")
+            return conn.getresponse().status == 200
+        except OSError:
+            return False
+
+    try:
+        wait_until(ready, f"gunicorn on 127.0.0.1:{port} to answer /readyz with 200", attempts=600)
+    except BaseException:
+        process.stop()
+        raise
+    return process
+
+
+@dataclass
+class Edge:
+    """A rendered NGINX configuration under ``prefix``, and the running NGINX when started."""
+
+    prefix: Path
+    http_port: int
+    https_port: int
+    upstream_ports: list[int]
+    certificate: Path
+    process: Process | None = None
+    variables: dict = field(default_factory=dict)
+
+    @property
+    def access_log(self) -> Path:
+        return self.prefix / "log" / "mlapi-access.log"
+
+    def start(self) -> None:
+        log = self.prefix / "nginx.stdout"
+        with log.open("wb") as out:
+            popen = subprocess.Popen(
+                ["nginx", "-p", str(self.prefix), "-c", str(self.prefix / "nginx.conf"), "-g", "daemon off;"],
+                stdout=out, stderr=subprocess.STDOUT,
+            )
+        self.process = Process(popen, log)
+
+        def listening() -> bool:
+            if popen.poll() is not None:
+                error_log = self.prefix / "log" / "error.log"
+                raise AssertionError(f"nginx exited:\n{log.read_text()}\n{error_log.read_text()}")
+            return _port_open(self.http_port)
+
+        wait_until(listening, f"nginx to listen on 127.0.0.1:{self.http_port}")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            # QUIT: graceful shutdown, the workers finish their requests.
+            self.process.stop(signal.SIGQUIT)
+
+    def log_lines(self) -> list[str]:
+        return self.access_log.read_text().splitlines() if self.access_log.exists() else []
+
+    # Clients ----------------------------------------------------------------------------
+    def tls_context(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=str(self.certificate))
+
+    def https(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None,
+              source: str = "127.0.0.1", server_name: str = SERVER_NAME) -> Response:
+        conn = _TLSConnection(self.https_port, server_name, self.tls_context(), source)
+        return _exchange(conn, method, path, body, headers)
+
+    def http(self, method: str, path: str, host: str = SERVER_NAME, source: str = "127.0.0.1") -> Response:
+        conn = http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=10, source_address=(source, 0))
+        return _exchange(conn, method, path, None, {"Host": host})
+
+    def predict(self, source: str = "127.0.0.1", headers: dict | None = None) -> Response:
+        merged = {"Content-Type": "application/json", **(headers or {})}
+        return self.https("POST", "/v1/predict", PREDICT_BODY, merged, source=source)
+
+
+@dataclass
+class Response:
+    status: int
+    headers: http.client.HTTPMessage
+    body: bytes
+
+    def json(self) -> dict:
+        return json.loads(self.body)
+
+
+class _TLSConnection(http.client.HTTPSConnection):
+    """HTTPS to 127.0.0.1 with the site's name in SNI, Host and certificate check (no DNS)."""
+
+    def __init__(self, port: int, server_name: str, context: ssl.SSLContext, source: str) -> None:
+        super().__init__(server_name, port, context=context, timeout=10, source_address=(source, 0))
+
+    def connect(self) -> None:
+        sock = socket.create_connection(("127.0.0.1", self.port), self.timeout, self.source_address)
+        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
+
+
+def _exchange(conn: http.client.HTTPConnection, method: str, path: str, body: bytes | None,
+              headers: dict | None) -> Response:
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        response = conn.getresponse()
+        return Response(response.status, response.headers, response.read())
+    finally:
+        conn.close()
+
+
+def render(prefix: Path, upstream_ports: list[int], with_certificate: bool = True, **overrides) -> Edge:
+    """Render the nginx role's configuration into ``prefix`` (ports on 127.0.0.1, paths under prefix)."""
+    prefix.mkdir(parents=True, exist_ok=True)
+    (prefix / "log").mkdir(exist_ok=True)
+    if with_certificate:
+        certificate, key = make_self_signed(prefix / "tls")
+    else:
+        certificate, key = prefix / "tls" / "fullchain.pem", prefix / "tls" / "privkey.pem"
+    edge = Edge(prefix, free_port(), free_port(), upstream_ports, certificate)
+    variables = {
+        "nginx_server_name": SERVER_NAME,
+        "nginx_conf_dir": str(prefix),
+        "nginx_log_dir": str(prefix / "log"),
+        "nginx_pid_file": str(prefix / "nginx.pid"),
+        "nginx_acme_webroot": str(prefix / "acme"),
+        # The tests run as root in a private temporary folder the worker user could not read.
+        "nginx_user": "root",
+        "nginx_listen_addresses": ["127.0.0.1"],
+        "nginx_http_port": edge.http_port,
+        "nginx_https_port": edge.https_port,
+        "nginx_ssl_certificate": str(certificate),
+        "nginx_ssl_certificate_key": str(key),
+        "nginx_upstream_servers": [f"127.0.0.1:{p}" for p in upstream_ports],
+        "nginx_manage_service": False,
+        **overrides,
+    }
+    controller = {
+        # Modules run in the controller's own Python (the venv), not whatever PATH finds.
+        "ansible_python_interpreter": sys.executable,
+    }
+    edge.variables = variables
+    (prefix / "vars.json").write_text(json.dumps({**variables, **controller}))
+    (prefix / "render.yml").write_text(_RENDER_PLAYBOOK)
+    env = dict(os.environ, ANSIBLE_ROLES_PATH=str(ROLES_PATH), ANSIBLE_NOCOLOR="1",
+               ANSIBLE_LOCALHOST_WARNING="false", ANSIBLE_INVENTORY_UNPARSED_WARNING="false")
+    result = subprocess.run(
+        [str(VENV_BIN / "ansible-playbook"), "-i", "localhost,", "-c", "local",
+         "-e", f"@{prefix / 'vars.json'}", str(prefix / "render.yml")],
+        env=env, capture_output=True, text=True,
+    )
+    assert result.returncode == 0, f"the nginx role failed to render:\n{result.stdout}\n{result.stderr}"
+    return edge
+
+
+def running_edge(prefix: Path, upstream_ports: list[int], **overrides) -> Iterator[Edge]:
+    """Render and start NGINX; the generator form suits a pytest fixture."""
+    edge = render(prefix, upstream_ports, **overrides)
+    edge.start()
+    try:
+        yield edge
+    finally:
+        edge.stop()
