@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import numbers
 from collections.abc import Sequence
 from itertools import chain
 from typing import Any
@@ -17,7 +18,6 @@ import numpy as np
 
 # Enough to show a pattern without turning a bad 10 000-row batch into a huge response.
 MAX_DETAILS = 50
-_NUMBER_TYPES = (int, float)
 
 
 class ValidationFailure(Exception):
@@ -34,7 +34,7 @@ class ValidationFailure(Exception):
 
 def _is_number(value: Any) -> bool:
     # bool is an int subclass, but true/false is not a measurement.
-    return type(value) in _NUMBER_TYPES or (isinstance(value, _NUMBER_TYPES) and not isinstance(value, bool))
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
 
 def _closest(name: str, candidates: Sequence[str]) -> str:
