@@ -1,0 +1,27 @@
+"""End-to-end fixtures: real Debian 12 hosts under systemd-nspawn (scripts/sandbox/sandbox)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+from sandbox import Sandbox
+
+# Tests that bring up and tear down a sandbox of their own run before any test uses the shared one,
+# so they never take away hosts that a provisioned fixture still relies on.
+LIFECYCLE_TESTS = ("tests/e2e/test_sandbox_lifecycle.py::",)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: not item.nodeid.startswith(LIFECYCLE_TESTS))
+
+
+@pytest.fixture(scope="session")
+def sandbox() -> Iterator[Sandbox]:
+    """One sandbox host in every group (lb, app, redis), reused if already up; removed at the end of the
+    session unless MLAPI_KEEP_SANDBOX=1."""
+    box = Sandbox.up(hosts=1)
+    yield box
+    if os.environ.get("MLAPI_KEEP_SANDBOX") != "1":
+        Sandbox.down()

@@ -1,0 +1,151 @@
+"""The sandbox hosts seen from tests: bring them up, run commands on them over SSH, take them down.
+
+A thin wrapper over scripts/sandbox/sandbox, which does the work and writes .sandbox/env and
+.sandbox/inventory/hosts.yml; this module reads those files so that tests see exactly what a user sees.
+"""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "scripts" / "sandbox" / "sandbox"
+STATE_DIR = ROOT / ".sandbox"
+ENV_FILE = STATE_DIR / "env"
+UP_TIMEOUT = 1800  # a cold start builds the root filesystem first
+SSH_OPTIONS = [
+    "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR",
+    "-o", "BatchMode=yes", "-o", "ConnectTimeout=10",
+]
+
+
+class SandboxCommandError(RuntimeError):
+    """scripts/sandbox/sandbox failed; the message carries its output."""
+
+
+def run_script(*args: str, timeout: float = UP_TIMEOUT) -> subprocess.CompletedProcess:
+    result = subprocess.run([str(SCRIPT), *args], stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                            timeout=timeout)
+    if result.returncode != 0:
+        raise SandboxCommandError(f"sandbox {' '.join(args)} exited {result.returncode}:\n{result.stderr}{result.stdout}")
+    return result
+
+
+def read_env(path: Path = ENV_FILE) -> dict[str, str]:
+    """The variables of .sandbox/env (lines `export NAME=value`, shell-quoted)."""
+    env = {}
+    for line in path.read_text().splitlines():
+        if line.startswith("export "):
+            name, _, value = line[len("export "):].partition("=")
+            env[name] = shlex.split(value)[0] if value else ""
+    return env
+
+
+@dataclass(frozen=True)
+class SandboxHost:
+    name: str
+    ip: str  # the relay address on the controller's loopback: what SSH, curl and Ansible connect to
+    private_ip: str  # the address on the sandbox bridge: what the hosts use between themselves
+
+
+class Sandbox:
+    """A running sandbox, as described by .sandbox/env."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env = env
+        self.hosts = [
+            SandboxHost(name, ip, private_ip)
+            for name, ip, private_ip in zip(
+                env["SANDBOX_HOSTS"].split(), env["SANDBOX_HOST_IPS"].split(), env["SANDBOX_HOST_PRIVATE_IPS"].split()
+            )
+        ]
+
+    # --- lifecycle -----------------------------------------------------------------------------------------
+
+    @classmethod
+    def up(cls, hosts: int = 1) -> Sandbox:
+        """Bring up `hosts` hosts (1: one host in every group; 3: lb plus two app hosts), reusing a matching sandbox."""
+        run_script("up", "--hosts", str(hosts))
+        return cls(read_env())
+
+    @classmethod
+    def current(cls) -> Sandbox | None:
+        return cls(read_env()) if ENV_FILE.exists() else None
+
+    @staticmethod
+    def down() -> None:
+        run_script("down", timeout=300)
+
+    def power_off(self, host: str) -> None:
+        """Stop one host as a power cut would; its address stops answering."""
+        run_script("power-off", self.host(host).name, timeout=120)
+
+    def start(self, host: str) -> None:
+        """Boot a powered-off host again and wait until systemd reports it running."""
+        run_script("start", self.host(host).name, timeout=300)
+
+    # --- what tests use ------------------------------------------------------------------------------------
+
+    @property
+    def domain(self) -> str:
+        return self.env["SANDBOX_DOMAIN"]
+
+    @property
+    def ip(self) -> str:
+        """The lb host's relay address: HTTPS for the domain goes here (curl --resolve DOMAIN:443:IP)."""
+        return self.env["SANDBOX_IP"]
+
+    @property
+    def ca(self) -> Path:
+        """Pebble's root: what a client needs to trust certificates issued in the sandbox."""
+        return Path(self.env["SANDBOX_CA"])
+
+    @property
+    def acme_tls_ca(self) -> Path:
+        """The CA of the ACME server's own HTTPS listener."""
+        return Path(self.env["SANDBOX_ACME_TLS_CA"])
+
+    @property
+    def ssh_key(self) -> Path:
+        return Path(self.env["SANDBOX_SSH_KEY"])
+
+    @property
+    def inventory(self) -> Path:
+        return Path(self.env["SANDBOX_INVENTORY"])
+
+    @property
+    def app_ips(self) -> list[str]:
+        return self.env["SANDBOX_APP_IPS"].split()
+
+    def host(self, host: str | SandboxHost) -> SandboxHost:
+        """A host by name (mlapi-sb2), relay address or private address."""
+        if isinstance(host, SandboxHost):
+            return host
+        for candidate in self.hosts:
+            if host in (candidate.name, candidate.ip, candidate.private_ip):
+                return candidate
+        raise KeyError(f"no sandbox host {host!r}; hosts: {[h.name for h in self.hosts]}")
+
+    def ssh_command(self, host: str | SandboxHost, command: str) -> list[str]:
+        return ["ssh", "-i", str(self.ssh_key), *SSH_OPTIONS, f"root@{self.host(host).ip}", command]
+
+    def ssh(self, host: str | SandboxHost, command: str, *, check: bool = False, input: str | None = None,
+            timeout: float = 300) -> subprocess.CompletedProcess:
+        """Run a shell command as root on a host; returns the completed process (text stdout/stderr)."""
+        return subprocess.run(self.ssh_command(host, command), input=input, capture_output=True, text=True,
+                              timeout=timeout, check=check, stdin=None if input is not None else subprocess.DEVNULL)
+
+    def copy_to(self, host: str | SandboxHost, source: Path, destination: str) -> None:
+        """Copy a controller file to a path on a host."""
+        self.ssh(host, f"cat > {shlex.quote(destination)}", input=source.read_text(), check=True)
+
+    def recorded_pids(self) -> dict[str, int]:
+        """Every process the sandbox recorded as started (name -> PID)."""
+        pids = {}
+        for pid_file in (STATE_DIR / "pids").glob("*.pid"):
+            pids[pid_file.stem] = int(pid_file.read_text().split()[0])
+        return pids
+
