@@ -12,6 +12,7 @@ import math
 import numbers
 from collections.abc import Sequence
 from itertools import chain
+from operator import itemgetter
 from typing import Any
 
 import numpy as np
@@ -57,23 +58,34 @@ def _describe_value(value: Any) -> str | None:
     return None
 
 
-def _dict_rows(rows: list[Any], features: list[str]) -> tuple[list[list[Any]], list[dict[str, Any]]]:
+def _key_problems(rows: list[dict], features: list[str]) -> list[dict[str, Any]]:
     expected = set(features)
     details: list[dict[str, Any]] = []
     for i, row in enumerate(rows):
         keys = row.keys()
         if keys == expected:
             continue
-        extra = [k for k in keys if k not in expected]
         for name in features:
             if name not in keys:
                 details.append({"loc": [i, name], "msg": "feature is missing"})
-        for name in extra:
+        for name in keys - expected:
             hint = _closest(str(name), features)
             details.append({"loc": [i, name], "msg": f"is not a feature of this model{hint}"})
-    if details:
-        return [], details
-    return [[row[name] for name in features] for row in rows], details
+    return details
+
+
+def _shape_problems(rows: list[Any], features: list[str]) -> list[dict[str, Any]]:
+    n_features = len(features)
+    details: list[dict[str, Any]] = []
+    for i, row in enumerate(rows):
+        if isinstance(row, dict):
+            continue
+        if not isinstance(row, (list, tuple)):
+            kind = type(row).__name__
+            details.append({"loc": [i], "msg": f"an instance must be an object of features or a list, got {kind}"})
+        elif len(row) != n_features:
+            details.append({"loc": [i], "msg": f"expected {n_features} values in the order {features}, got {len(row)}"})
+    return details
 
 
 def to_matrix(rows: list[dict | list], features: list[str], max_abs: float) -> np.ndarray:
@@ -86,27 +98,30 @@ def to_matrix(rows: list[dict | list], features: list[str], max_abs: float) -> n
     if not isinstance(rows, list) or not rows:
         raise ValidationFailure([{"loc": [], "msg": "give at least one instance"}])
     n_features = len(features)
-    values: list[list[Any]] = []
-    details: list[dict[str, Any]] = []
-    for i, row in enumerate(rows):
-        if isinstance(row, dict):
-            continue
-        if not isinstance(row, (list, tuple)):
-            details.append({"loc": [i], "msg": f"an instance must be an object of features or a list, got {type(row).__name__}"})
-        elif len(row) != n_features:
-            details.append(
-                {"loc": [i], "msg": f"expected {n_features} values in the order {features}, got {len(row)}"}
-            )
-    if details:
-        raise ValidationFailure(details)
-    if any(isinstance(row, dict) for row in rows):
-        mapped = [row if isinstance(row, dict) else dict(zip(features, row, strict=True)) for row in rows]
-        values, details = _dict_rows(mapped, features)
+    row_types = set(map(type, rows))
+    values: list[Any]
+    if row_types == {dict}:
+        # A row with every feature and as many keys as features has no extra key either.
+        by_name = itemgetter(*features) if n_features > 1 else (lambda row: (row[features[0]],))
+        try:
+            values = list(map(by_name, rows))
+        except KeyError:
+            values = []
+        if not values or set(map(len, rows)) != {n_features}:
+            raise ValidationFailure(_key_problems(rows, features))
+    elif row_types <= {list, tuple} and set(map(len, rows)) == {n_features}:
+        values = rows
+    else:
+        details = _shape_problems(rows, features)
         if details:
             raise ValidationFailure(details)
-    else:
-        values = rows  # type: ignore[assignment]
+        mapped = [row if isinstance(row, dict) else dict(zip(features, row, strict=True)) for row in rows]
+        details = _key_problems(mapped, features)
+        if details:
+            raise ValidationFailure(details)
+        values = [[row[name] for name in features] for row in mapped]
 
+    details = []
     matrix = None
     if set(map(type, chain.from_iterable(values))) <= {int, float}:
         try:
@@ -125,16 +140,14 @@ def to_matrix(rows: list[dict | list], features: list[str], max_abs: float) -> n
             raise ValidationFailure(details)
         matrix = np.array(values, dtype=np.float64)  # numpy scalars and other number subclasses
 
-    finite = np.isfinite(matrix)
-    if not finite.all():
+    # One comparison catches NaN (never <=), infinities and magnitude; the error path tells them apart.
+    if not (np.abs(matrix) <= max_abs).all():
+        finite = np.isfinite(matrix)
         for i, j in zip(*np.nonzero(~finite), strict=True):
             details.append({"loc": [int(i), features[j]], "msg": f"must be a finite number, got {float(matrix[i, j])}"})
-    too_large = np.abs(np.where(finite, matrix, 0.0)) > max_abs
-    if too_large.any():
-        for i, j in zip(*np.nonzero(too_large), strict=True):
+        for i, j in zip(*np.nonzero(finite & (np.abs(matrix) > max_abs)), strict=True):
             details.append(
                 {"loc": [int(i), features[j]], "msg": f"{float(matrix[i, j])} is beyond the accepted magnitude {max_abs:g}"}
             )
-    if details:
-        raise ValidationFailure(details)
+        raise ValidationFailure(sorted(details, key=lambda d: (d["loc"][0], features.index(d["loc"][1]))))
     return matrix

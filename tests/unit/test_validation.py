@@ -90,3 +90,11 @@ def test_many_problems_are_capped_with_a_count():
 def test_the_message_of_the_failure_names_the_first_problem():
     with pytest.raises(ValidationFailure, match="^0 petal_width: feature is missing$"):
         to_matrix([{k: v for k, v in ROW.items() if k != "petal_width"}], FEATURES, 1e9)
+
+
+def test_dict_and_list_rows_can_be_mixed():
+    assert to_matrix([ROW, [5.1, 3.5, 1.4, 0.2]], FEATURES, 1e9).tolist() == [[5.1, 3.5, 1.4, 0.2]] * 2
+
+
+def test_a_single_feature_model_takes_dict_rows():
+    assert to_matrix([{"x": 1}, {"x": 2.5}], ["x"], 1e9).tolist() == [[1.0], [2.5]]
