@@ -84,7 +84,9 @@ class DriftMonitor:
         self.min_samples = min(min_samples, window)
         self.alert_psi = alert_psi
         self._cuts = [np.asarray(manifest.reference[n]["bin_edges"], dtype=np.float64) for n in self.feature_names]
-        self._expected = [np.asarray(manifest.reference[n]["proportions"], dtype=np.float64) for n in self.feature_names]
+        self._expected = [
+            np.asarray(manifest.reference[n]["proportions"], dtype=np.float64) for n in self.feature_names
+        ]
         self._buffer = np.empty((window, len(self.feature_names)), dtype=np.float64)
         self._next = 0  # row written next
         self._filled = 0  # rows holding data, up to window

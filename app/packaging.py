@@ -279,9 +279,7 @@ def _verified_files(path: Path, manifest: Manifest) -> dict[str, bytes]:
             raise PackageError(path, "unreadable", f"{filename} cannot be read ({exc.strerror})", remedy) from None
         actual = _sha256(data)
         if actual != expected:
-            raise PackageError(
-                path, "sha256", f"{filename} has sha256 {actual}, the manifest says {expected}", remedy
-            )
+            raise PackageError(path, "sha256", f"{filename} has sha256 {actual}, the manifest says {expected}", remedy)
         contents[filename] = data
     return contents
 
@@ -356,9 +354,7 @@ def _check_estimator(path: Path, manifest: Manifest, estimator: Any) -> None:
     task = _estimator_task(estimator)
     if task != manifest.task:
         found = task or "neither a classifier with predict_proba nor a regressor"
-        raise PackageError(
-            path, "estimator", f"the manifest says {manifest.task} but the estimator is {found}", remedy
-        )
+        raise PackageError(path, "estimator", f"the manifest says {manifest.task} but the estimator is {found}", remedy)
     if task == "classifier":
         classes = [_plain(c) for c in estimator.classes_]
         if classes != manifest.classes:
@@ -406,7 +402,9 @@ def load_package(path: Path, *, engine: str = "auto", onnx_threads: int = 1) -> 
 
     onnx_kept = bool(manifest.onnx.get("kept"))
     if onnx_kept and MODEL_ONNX not in contents:
-        raise PackageError(path, "onnx", f"the manifest keeps ONNX but does not list {MODEL_ONNX}", "rebuild the package")
+        raise PackageError(
+            path, "onnx", f"the manifest keeps ONNX but does not list {MODEL_ONNX}", "rebuild the package"
+        )
     if engine == "onnx" and not onnx_kept:
         raise PackageError(
             path,

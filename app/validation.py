@@ -147,7 +147,10 @@ def to_matrix(rows: list[dict | list], features: list[str], max_abs: float) -> n
             details.append({"loc": [int(i), features[j]], "msg": f"must be a finite number, got {float(matrix[i, j])}"})
         for i, j in zip(*np.nonzero(finite & (np.abs(matrix) > max_abs)), strict=True):
             details.append(
-                {"loc": [int(i), features[j]], "msg": f"{float(matrix[i, j])} is beyond the accepted magnitude {max_abs:g}"}
+                {
+                    "loc": [int(i), features[j]],
+                    "msg": f"{float(matrix[i, j])} is beyond the accepted magnitude {max_abs:g}",
+                }
             )
         raise ValidationFailure(sorted(details, key=lambda d: (d["loc"][0], features.index(d["loc"][1]))))
     return matrix

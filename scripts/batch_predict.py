@@ -99,7 +99,9 @@ def score_file(model: LoadedModel, source: Path, target: Path, chunk_size: int, 
                 if probabilities is None:
                     added = [[repr(float(v))] for v in predictions]
                 else:
-                    added = [[label, *map(repr, p)] for label, p in zip(predictions, probabilities.tolist(), strict=True)]
+                    added = [
+                        [label, *map(repr, p)] for label, p in zip(predictions, probabilities.tolist(), strict=True)
+                    ]
                 writer.writerows(record + extra for record, extra in zip(chunk, added, strict=True))
                 rows_done += len(chunk)
             fh_out.flush()
@@ -141,7 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as exc:
         print(f"batch_predict: {exc.filename} does not exist; nothing was written", file=sys.stderr)
         return 1
-    print(f"batch_predict: {rows} rows scored with {model.name} {model.version} ({model.engine.name}) into {args.output}")
+    print(
+        f"batch_predict: {rows} rows scored with {model.name} {model.version} ({model.engine.name}) into {args.output}"
+    )
     return 0
 
 

@@ -133,20 +133,28 @@ def package(args: argparse.Namespace) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], epilog="Loading a joblib file runs code stored in it: package only models you trust."
+        description=__doc__.split("\n\n")[0],
+        epilog="Loading a joblib file runs code stored in it: package only models you trust.",
     )
-    parser.add_argument("model", type=Path, metavar="MODEL.joblib", help="fitted estimator or pipeline saved with joblib")
+    parser.add_argument(
+        "model", type=Path, metavar="MODEL.joblib", help="fitted estimator or pipeline saved with joblib"
+    )
     parser.add_argument("--name", required=True, help="model name (letters, digits, . _ -)")
     parser.add_argument("--version", required=True, help="version (letters, digits, . _ -), e.g. 2")
     parser.add_argument("--models-dir", type=Path, required=True, help="folder of model packages")
-    parser.add_argument("--sample", type=Path, required=True, help="CSV with a header: drift reference and ONNX check data")
+    parser.add_argument(
+        "--sample", type=Path, required=True, help="CSV with a header: drift reference and ONNX check data"
+    )
     parser.add_argument("--features", help="feature names in training order, comma-separated")
     parser.add_argument("--feature-types", help="float or int per feature, comma-separated (default: from the sample)")
     parser.add_argument("--metrics", help="JSON file of training/validation metrics to record")
     parser.add_argument("--no-onnx", action="store_true", help="do not convert to ONNX; serve with scikit-learn")
     parser.add_argument("--force", action="store_true", help="replace the version if it exists")
     args = parser.parse_args(argv)
-    print(f"package_model: loading {args.model} (a joblib file runs code when loaded: use only trusted models)", file=sys.stderr)
+    print(
+        f"package_model: loading {args.model} (a joblib file runs code when loaded: use only trusted models)",
+        file=sys.stderr,
+    )
     try:
         path = package(args)
     except (UsageError, ValueError, FileExistsError) as exc:
@@ -155,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     manifest = json.loads((path / "manifest.json").read_text())
     onnx = manifest["onnx"]
     if onnx["kept"]:
-        engine = f"model.onnx kept ({onnx['precision']}, max abs diff {onnx['max_abs_diff']:.3g} on {onnx['checked_rows']} rows)"
+        checked = f"max abs diff {onnx['max_abs_diff']:.3g} on {onnx['checked_rows']} rows"
+        engine = f"model.onnx kept ({onnx['precision']}, {checked})"
     else:
         engine = f"model.onnx not kept: {onnx['reason']}; the service will use scikit-learn"
     print(

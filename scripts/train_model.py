@@ -137,7 +137,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models-dir", type=Path, required=True, help="folder of model packages")
     parser.add_argument("--version", default="1", help="version to write (default: 1)")
     parser.add_argument(
-        "--only", nargs="+", choices=sorted(DEMO_MODELS), metavar="NAME", help=f"train only these: {sorted(DEMO_MODELS)}"
+        "--only",
+        nargs="+",
+        choices=sorted(DEMO_MODELS),
+        metavar="NAME",
+        help=f"train only these: {sorted(DEMO_MODELS)}",
     )
     parser.add_argument("--force", action="store_true", help="rebuild a version that exists")
     args = parser.parse_args(argv)

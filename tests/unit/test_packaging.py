@@ -106,16 +106,30 @@ def test_manifest_round_trips_through_the_typed_view(demo_models: Path):
 
 
 def test_build_refuses_an_existing_version(tmp_path: Path, small_forest, iris):
-    build_package(small_forest, name="m", version="1", models_dir=tmp_path, sample=iris[0], feature_names=IRIS_FEATURES, onnx=False)
+    build_package(
+        small_forest,
+        name="m",
+        version="1",
+        models_dir=tmp_path,
+        sample=iris[0],
+        feature_names=IRIS_FEATURES,
+        onnx=False,
+    )
     with pytest.raises(FileExistsError, match="already exists"):
-        build_package(small_forest, name="m", version="1", models_dir=tmp_path, sample=iris[0], feature_names=IRIS_FEATURES)
+        build_package(
+            small_forest, name="m", version="1", models_dir=tmp_path, sample=iris[0], feature_names=IRIS_FEATURES
+        )
 
 
 def test_build_with_overwrite_replaces_the_version_and_leaves_no_temporary_folders(tmp_path: Path, small_forest, iris):
     X, y = iris
-    build_package(small_forest, name="m", version="1", models_dir=tmp_path, sample=X, feature_names=IRIS_FEATURES, onnx=False)
+    build_package(
+        small_forest, name="m", version="1", models_dir=tmp_path, sample=X, feature_names=IRIS_FEATURES, onnx=False
+    )
     other = LogisticRegression(max_iter=500).fit(X, y)
-    path = build_package(other, name="m", version="1", models_dir=tmp_path, sample=X, feature_names=IRIS_FEATURES, overwrite=True)
+    path = build_package(
+        other, name="m", version="1", models_dir=tmp_path, sample=X, feature_names=IRIS_FEATURES, overwrite=True
+    )
     assert isinstance(joblib.load(path / "model.joblib"), LogisticRegression)
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["1"]
     load_package(path)
@@ -138,17 +152,34 @@ def test_build_takes_feature_names_from_a_dataframe_fit(tmp_path: Path):
 
 def test_build_refuses_a_name_that_is_not_a_plain_folder_name(tmp_path: Path, small_forest, iris):
     with pytest.raises(ValueError, match="model name"):
-        build_package(small_forest, name="../up", version="1", models_dir=tmp_path, sample=iris[0], feature_names=IRIS_FEATURES)
+        build_package(
+            small_forest, name="../up", version="1", models_dir=tmp_path, sample=iris[0], feature_names=IRIS_FEATURES
+        )
 
 
 def test_build_refuses_an_unfitted_estimator(tmp_path: Path, iris):
     with pytest.raises(ValueError, match="not fitted"):
-        build_package(RandomForestClassifier(), name="m", version="1", models_dir=tmp_path, sample=iris[0], feature_names=IRIS_FEATURES)
+        build_package(
+            RandomForestClassifier(),
+            name="m",
+            version="1",
+            models_dir=tmp_path,
+            sample=iris[0],
+            feature_names=IRIS_FEATURES,
+        )
 
 
 def test_discover_sorts_versions_naturally_and_ignores_unfinished_folders(tmp_path: Path, small_forest, iris):
     for version in ("10", "2", "1"):
-        build_package(small_forest, name="m", version=version, models_dir=tmp_path, sample=iris[0], feature_names=IRIS_FEATURES, onnx=False)
+        build_package(
+            small_forest,
+            name="m",
+            version=version,
+            models_dir=tmp_path,
+            sample=iris[0],
+            feature_names=IRIS_FEATURES,
+            onnx=False,
+        )
     (tmp_path / "m" / ".3.tmp").mkdir()
     (tmp_path / "m" / "4").mkdir()  # no manifest yet
     assert discover(tmp_path) == {"m": ["1", "2", "10"]}
@@ -270,7 +301,15 @@ def test_a_kept_onnx_file_that_does_not_load_is_refused_without_fallback(package
 
 
 def test_asking_for_onnx_without_a_kept_model_says_to_use_auto_or_sklearn(tmp_path: Path, small_forest, iris):
-    path = build_package(small_forest, name="m", version="1", models_dir=tmp_path, sample=iris[0], feature_names=IRIS_FEATURES, onnx=False)
+    path = build_package(
+        small_forest,
+        name="m",
+        version="1",
+        models_dir=tmp_path,
+        sample=iris[0],
+        feature_names=IRIS_FEATURES,
+        onnx=False,
+    )
     assert "engine auto or sklearn" in str(_refused(path, "onnx", engine="onnx"))
     assert load_package(path).engine.name == "sklearn"
 
@@ -305,7 +344,13 @@ def test_an_estimator_skl2onnx_cannot_convert_is_recorded_and_served_by_sklearn(
 
 def test_a_conversion_outside_the_tolerance_is_not_kept_and_the_difference_recorded(tmp_path: Path, small_forest, iris):
     path = build_package(
-        small_forest, name="m", version="1", models_dir=tmp_path, sample=iris[0], feature_names=IRIS_FEATURES, onnx_tolerance=0.0
+        small_forest,
+        name="m",
+        version="1",
+        models_dir=tmp_path,
+        sample=iris[0],
+        feature_names=IRIS_FEATURES,
+        onnx_tolerance=0.0,
     )
     onnx = _manifest(path)["onnx"]
     assert onnx["kept"] is False and "float32" in onnx["reason"] and "float64" in onnx["reason"]

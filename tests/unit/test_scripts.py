@@ -136,7 +136,17 @@ def test_package_model_without_onnx_says_scikit_learn_will_serve(tmp_path: Path,
 
 def test_package_model_needs_feature_names_for_a_model_without_them(tmp_path, plain_model, iris_csv, capsys):
     code, stderr = _main(
-        package_model, capsys, plain_model, "--name", "m", "--version", "1", "--models-dir", tmp_path, "--sample", iris_csv
+        package_model,
+        capsys,
+        plain_model,
+        "--name",
+        "m",
+        "--version",
+        "1",
+        "--models-dir",
+        tmp_path,
+        "--sample",
+        iris_csv,
     )
     assert code == 1
     assert "--features" in stderr
@@ -144,7 +154,9 @@ def test_package_model_needs_feature_names_for_a_model_without_them(tmp_path, pl
 
 
 def test_package_model_names_a_missing_sample_column_and_the_close_one(tmp_path, plain_model, capsys):
-    sample = _write_csv(tmp_path / "s.csv", ["sepal_length", "sepal_width", "petal_length", "petal_widht"], [[1, 2, 3, 4]])
+    sample = _write_csv(
+        tmp_path / "s.csv", ["sepal_length", "sepal_width", "petal_length", "petal_widht"], [[1, 2, 3, 4]]
+    )
     code, stderr = _main(
         package_model, capsys, plain_model, "--name", "m", "--version", "1", "--models-dir", tmp_path / "models",
         "--sample", sample, "--features", ",".join(IRIS_FEATURES),
@@ -178,10 +190,27 @@ def test_package_model_refuses_to_overwrite_without_force(tmp_path, plain_model,
 
 def test_batch_predict_adds_predictions_and_probabilities(demo_models: Path, iris_csv: Path, tmp_path: Path):
     output = tmp_path / "out.csv"
-    result = _run("batch_predict.py", "--package", demo_models / "iris" / "1", "--input", iris_csv, "--output", output, "--chunk", 40)
+    result = _run(
+        "batch_predict.py",
+        "--package",
+        demo_models / "iris" / "1",
+        "--input",
+        iris_csv,
+        "--output",
+        output,
+        "--chunk",
+        40,
+    )
     assert result.returncode == 0, result.stderr
     rows = _read_csv(output)
-    assert list(rows[0]) == ["id", *IRIS_FEATURES, "prediction", "probability_setosa", "probability_versicolor", "probability_virginica"]
+    assert list(rows[0]) == [
+        "id",
+        *IRIS_FEATURES,
+        "prediction",
+        "probability_setosa",
+        "probability_versicolor",
+        "probability_virginica",
+    ]
     assert len(rows) == 150 and rows[0]["id"] == "id-0"
     model = load_package(demo_models / "iris" / "1")
     labels, proba = model.score(load_iris().data)
@@ -195,7 +224,17 @@ def test_batch_predict_scores_a_regressor(demo_models: Path, tmp_path: Path):
     data = load_diabetes()
     source = _write_csv(tmp_path / "in.csv", list(data.feature_names), data.data[:25].tolist())
     output = tmp_path / "out.csv"
-    result = _run("batch_predict.py", "--package", demo_models / "diabetes" / "1", "--input", source, "--output", output, "--engine", "sklearn")
+    result = _run(
+        "batch_predict.py",
+        "--package",
+        demo_models / "diabetes" / "1",
+        "--input",
+        source,
+        "--output",
+        output,
+        "--engine",
+        "sklearn",
+    )
     assert result.returncode == 0, result.stderr
     rows = _read_csv(output)
     assert list(rows[0])[-1] == "prediction" and len(rows) == 25
@@ -216,7 +255,16 @@ def test_batch_predict_refuses_a_bad_row_and_writes_nothing(demo_models, tmp_pat
     source = _write_csv(tmp_path / "in.csv", IRIS_FEATURES, rows)
     output = tmp_path / "out.csv"
     code, stderr = _main(
-        batch_predict, capsys, "--package", demo_models / "iris" / "1", "--input", source, "--output", output, "--chunk", 2
+        batch_predict,
+        capsys,
+        "--package",
+        demo_models / "iris" / "1",
+        "--input",
+        source,
+        "--output",
+        output,
+        "--chunk",
+        2,
     )
     assert code == 1
     assert message in stderr and "nothing was written" in stderr
@@ -233,9 +281,18 @@ def test_batch_predict_refuses_a_bad_row_as_a_command(demo_models: Path, tmp_pat
 
 
 def test_batch_predict_names_a_misspelled_column(demo_models, tmp_path, capsys):
-    source = _write_csv(tmp_path / "in.csv", ["sepal_length", "sepal_width", "petal_length", "petal_widht"], [[1, 2, 3, 4]])
+    source = _write_csv(
+        tmp_path / "in.csv", ["sepal_length", "sepal_width", "petal_length", "petal_widht"], [[1, 2, 3, 4]]
+    )
     code, stderr = _main(
-        batch_predict, capsys, "--package", demo_models / "iris" / "1", "--input", source, "--output", tmp_path / "o.csv"
+        batch_predict,
+        capsys,
+        "--package",
+        demo_models / "iris" / "1",
+        "--input",
+        source,
+        "--output",
+        tmp_path / "o.csv",
     )
     assert code == 1
     assert "'petal_width' (did you mean 'petal_widht'?)" in stderr
@@ -245,7 +302,9 @@ def test_batch_predict_keeps_an_existing_output_when_it_fails(demo_models, tmp_p
     source = _write_csv(tmp_path / "in.csv", IRIS_FEATURES, [[1, 2, 3, "inf"]])
     output = tmp_path / "out.csv"
     output.write_text("previous results\n")
-    code, _ = _main(batch_predict, capsys, "--package", demo_models / "iris" / "1", "--input", source, "--output", output)
+    code, _ = _main(
+        batch_predict, capsys, "--package", demo_models / "iris" / "1", "--input", source, "--output", output
+    )
     assert code == 1
     assert output.read_text() == "previous results\n"
 

@@ -25,7 +25,10 @@ def test_dict_rows_are_put_in_feature_order():
 
 
 def test_list_rows_and_integers_are_accepted():
-    assert to_matrix([[5, 3, 1, 0], [5.1, 3.5, 1.4, 0.2]], FEATURES, 1e9).tolist() == [[5, 3, 1, 0], [5.1, 3.5, 1.4, 0.2]]
+    assert to_matrix([[5, 3, 1, 0], [5.1, 3.5, 1.4, 0.2]], FEATURES, 1e9).tolist() == [
+        [5, 3, 1, 0],
+        [5.1, 3.5, 1.4, 0.2],
+    ]
 
 
 def test_numpy_scalars_are_numbers():
