@@ -41,6 +41,7 @@ class ServiceJsonFormatter(JsonFormatter):
 
     def add_fields(self, log_record: dict[str, Any], record: logging.LogRecord, message_dict: dict[str, Any]) -> None:
         super().add_fields(log_record, record, message_dict)
+        log_record["pid"] = record.process  # which gunicorn worker wrote the line
         if log_record.get("request_id") is None:
             log_record.pop("request_id", None)
 

@@ -58,6 +58,8 @@ class RequestContextMiddleware:
         token = request_id_var.set(request_id)
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
+        # slowapi reads this after the endpoint even when its store failed and set nothing.
+        state["view_rate_limit"] = None
         status_holder = {"status": 500, "started": False}
         path = scope.get("path", "")
 
