@@ -4,12 +4,13 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 MODELS ?= models
 export MLAPI_MODELS_DIR ?= $(MODELS)
+export MLAPI_DEFAULT_MODEL ?= iris
 
 .DEFAULT_GOAL := help
-.PHONY: help setup venv models serve test test-fast demo down bench bench-quick lint
+.PHONY: help setup venv models serve test test-fast config-reference
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
 
 setup: ## install system packages (as root) and the venv
 	scripts/setup-host.sh
@@ -34,5 +35,5 @@ test: venv ## run the whole test suite: unit, integration and end-to-end
 test-fast: venv ## unit and integration tests only (no sandbox hosts)
 	$(BIN)/pytest -m "not e2e"
 
-lint: venv ## ansible-lint, yamllint and nginx -t on the rendered templates
-	$(BIN)/pytest tests/unit -k lint
+config-reference: venv ## print every MLAPI_* setting as a Markdown table
+	@$(BIN)/python -m app.settings --markdown
