@@ -426,9 +426,34 @@ def load_package(path: Path, *, engine: str = "auto", onnx_threads: int = 1) -> 
                 f"{MODEL_ONNX} does not load in ONNX Runtime ({type(exc).__name__}: {exc})",
                 "rebuild the package (or with --no-onnx)",
             ) from None
+        _check_output(path, manifest, onnx_engine, "onnx")
     if engine == "sklearn" or onnx_engine is None:
-        return LoadedModel(manifest, path, SklearnEngine(estimator, manifest.task))
+        sklearn_engine = SklearnEngine(estimator, manifest.task)
+        _check_output(path, manifest, sklearn_engine, "estimator")
+        return LoadedModel(manifest, path, sklearn_engine)
     return LoadedModel(manifest, path, onnx_engine)
+
+
+def _check_output(path: Path, manifest: Manifest, engine: Engine, check: Check) -> None:
+    """Score one row of reference means: the output must have the manifest's shape."""
+    row = np.array([[manifest.reference[n]["mean"] for n in manifest.feature_names]], dtype=np.float64)
+    try:
+        out = engine.run(row)
+    except Exception as exc:
+        raise PackageError(
+            path,
+            check,
+            f"the {engine.name} engine cannot score one row ({type(exc).__name__}: {exc})",
+            "rebuild the package",
+        ) from None
+    expected = (1, len(manifest.classes)) if manifest.classes is not None else (1,)
+    if out.shape != expected:
+        raise PackageError(
+            path,
+            check,
+            f"the {engine.name} engine returns shape {out.shape} for one row, the manifest implies {expected}",
+            "rebuild the package",
+        )
 
 
 # ---------------------------------------------------------------- building

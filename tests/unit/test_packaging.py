@@ -300,6 +300,12 @@ def test_a_kept_onnx_file_that_does_not_load_is_refused_without_fallback(package
     _refused(package, "onnx", engine="sklearn")  # the package is inconsistent whatever engine is asked for
 
 
+def test_a_model_onnx_from_another_package_is_refused(package: Path, demo_models: Path):
+    shutil.copyfile(demo_models / "diabetes" / "1" / "model.onnx", package / "model.onnx")
+    _resign(package)
+    _refused(package, "onnx")
+
+
 def test_asking_for_onnx_without_a_kept_model_says_to_use_auto_or_sklearn(tmp_path: Path, small_forest, iris):
     path = build_package(
         small_forest,
