@@ -256,3 +256,16 @@ def test_unhandled_errors_are_500_without_a_traceback(make_client, demo_models, 
     line = next(json.loads(l) for l in logged.splitlines() if "unhandled error" in l)
     assert line["request_id"] == err["request_id"]
     assert "secret internal detail" in line["traceback"]
+
+
+def test_drift_is_scored_against_the_reference_and_exported(client):
+    from tests.unit.conftest import metric
+
+    shifted = [[7.9 + i * 0.001, 4.4, 6.9, 2.5] for i in range(250)]
+    assert client.post("/v1/predict/batch", json={"instances": shifted}).status_code == 200
+    drift = client.get("/v1/models/iris").json()["versions"][0]["drift"]
+    assert drift["samples"] >= 250
+    assert drift["scores"] is not None
+    assert "sepal_length" in drift["drifted"]
+    text = client.get("/metrics").text
+    assert metric(text, "mlapi_feature_drift_psi", model="iris", version="1", feature="sepal_length") >= 0.2
