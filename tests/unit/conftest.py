@@ -32,8 +32,9 @@ def make_client() -> ClientFactory:
     return _client
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def client(demo_models: Path) -> Iterator[TestClient]:
+    """One app per test module for tests that only read; tests that change settings use make_client."""
     with _client(demo_models) as c:
         yield c
 
