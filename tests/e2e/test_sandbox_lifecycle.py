@@ -65,7 +65,7 @@ def test_up_leaves_the_callers_network_unchanged(own_sandbox: Sandbox, network_b
 
 
 def test_a_hosts_firewall_filters_its_own_namespace_only(own_sandbox: Sandbox) -> None:
-    server, client = own_sandbox.hosts
+    client, server = own_sandbox.hosts  # the lb host stays open for the ACME test
     own_sandbox.ssh(server, f"systemd-run --unit=probe-listener python3 -m http.server {PROBE_PORT}", check=True)
     probe = f"curl -sS -o /dev/null -w '%{{http_code}}' -m 5 http://{server.private_ip}:{PROBE_PORT}/"
     assert own_sandbox.ssh(client, probe).stdout == "200"
@@ -75,6 +75,33 @@ def test_a_hosts_firewall_filters_its_own_namespace_only(own_sandbox: Sandbox) -
     assert own_sandbox.ssh(client, probe).returncode == 28  # curl: timed out, the packets were dropped
     # SSH through the relay still answers: the rule for 22 holds.
     assert own_sandbox.ssh(server, "ufw status", check=True).stdout.startswith("Status: active")
+
+
+def test_the_acme_ca_validates_http_01_on_the_lb_host_and_issues_under_sandbox_ca(
+    own_sandbox: Sandbox, tmp_path: Path
+) -> None:
+    lb = own_sandbox.hosts[0]
+    own_sandbox.copy_to(lb, own_sandbox.acme_tls_ca, "/root/acme-tls-ca.pem")
+    install = own_sandbox.ssh(lb, "DEBIAN_FRONTEND=noninteractive apt-get install -y -q certbot", timeout=600)
+    assert install.returncode == 0, install.stderr
+    # certbot's own web server answers the challenge on port 80, where Pebble fetches it.
+    issue = own_sandbox.ssh(
+        lb,
+        "REQUESTS_CA_BUNDLE=/root/acme-tls-ca.pem certbot certonly --non-interactive --agree-tos "
+        f"--email ops@{own_sandbox.domain} --standalone -d {own_sandbox.domain} "
+        f"--server {own_sandbox.env['SANDBOX_ACME_DIRECTORY']}",
+        timeout=300,
+    )
+    assert issue.returncode == 0, issue.stdout + issue.stderr
+    live = f"/etc/letsencrypt/live/{own_sandbox.domain}"
+    for name in ("cert.pem", "chain.pem"):
+        (tmp_path / name).write_text(own_sandbox.ssh(lb, f"cat {live}/{name}", check=True).stdout)
+    verify = subprocess.run(
+        ["openssl", "verify", "-CAfile", str(own_sandbox.ca), "-untrusted", str(tmp_path / "chain.pem"),
+         "-verify_hostname", own_sandbox.domain, str(tmp_path / "cert.pem")],
+        capture_output=True, text=True,
+    )
+    assert verify.returncode == 0, verify.stdout + verify.stderr
 
 
 def test_a_powered_off_host_keeps_its_disk_and_boots_again(own_sandbox: Sandbox) -> None:
