@@ -1,5 +1,6 @@
 """A sandbox of the tests' own, from up to down: the caller's network never changes, a host's firewall
-works inside its own namespace, a host survives a power cycle, and down leaves nothing behind.
+works inside its own namespace, the ACME CA validates HTTP-01 on the lb host, a host survives a power
+cycle, and down leaves nothing behind.
 
 These tests run first in the session (see conftest.py), before any test uses the shared sandbox."""
 
