@@ -57,18 +57,51 @@ def build_router(manifests: dict[str, Manifest], default: str | None, settings: 
     for name, manifest in manifests.items():
         single_body, batch_body = request_models(manifest, settings.max_abs_value, settings.max_batch_size)
         names = tuple(f.name for f in manifest.features)
-        paths = [f"/models/{name}/predict"] + (["/predict"] if name == default else [])
-        for path in paths:
-            _add_single(router, path, name, names, single_body, limit, versioned=False)
-        _add_single(router, f"/models/{name}/versions/{{version}}/predict", name, names, single_body, limit, True)
-        for path in [f"/models/{name}/predict/batch"] + (["/predict/batch"] if name == default else []):
-            _add_batch(router, path, name, names, batch_body, limit, versioned=False)
-        _add_batch(router, f"/models/{name}/versions/{{version}}/predict/batch", name, names, batch_body, limit, True)
+        for batch, body_type in ((False, single_body), (True, batch_body)):
+            suffix = "/predict/batch" if batch else "/predict"
+            paths = [f"/models/{name}{suffix}"] + ([f"{suffix}"] if name == default else [])
+            for path in paths:
+                _add_route(router, path, name, names, body_type, limit, batch=batch, versioned=False)
+            _add_route(router, f"/models/{name}/versions/{{version}}{suffix}", name, names, body_type, limit,
+                       batch=batch, versioned=True)
     return router
 
 
-def _add_single(router: APIRouter, path: str, name: str, names: tuple[str, ...], body_type: type, limit: Any, versioned: bool) -> None:
-    def predict(
+def _single_response(scored: Scored, request_id: str) -> dict[str, Any]:
+    probabilities = scored.probability_maps()
+    return {
+        "model": scored.model.name,
+        "version": scored.model.version,
+        "prediction": scored.predictions()[0],
+        "probabilities": probabilities[0] if probabilities is not None else None,
+        "request_id": request_id,
+    }
+
+
+def _batch_response(scored: Scored, request_id: str) -> dict[str, Any]:
+    return {
+        "model": scored.model.name,
+        "version": scored.model.version,
+        "predictions": scored.predictions(),
+        "probabilities": scored.probability_maps(),
+        "request_id": request_id,
+    }
+
+
+def _add_route(
+    router: APIRouter,
+    path: str,
+    name: str,
+    names: tuple[str, ...],
+    body_type: type,
+    limit: Any,
+    *,
+    batch: bool,
+    versioned: bool,
+) -> None:
+    respond = _batch_response if batch else _single_response
+
+    def endpoint(
         request: Request,
         version: str | None = None,
         *,
@@ -78,62 +111,19 @@ def _add_single(router: APIRouter, path: str, name: str, names: tuple[str, ...],
         user_id: UserId = None,
         model_version: VersionOverride = None,
     ) -> FastJSONResponse:
-        X = _matrix([body.features], names)
+        X = _matrix(body.instances if batch else [body.features], names)
         scored = _run(request, registry, background, name, X, user_id, version or model_version)
-        probabilities = scored.probability_maps()
-        return FastJSONResponse(
-            {
-                "model": scored.model.name,
-                "version": scored.model.version,
-                "prediction": scored.predictions()[0],
-                "probabilities": probabilities[0] if probabilities is not None else None,
-                "request_id": request.state.request_id,
-            }
-        )
+        return FastJSONResponse(respond(scored, request.state.request_id))
 
-    operation_id = _operation_id("predict", path)
-    _bind(predict, body_type, versioned, operation_id)
+    operation_id = _operation_id("predict_batch" if batch else "predict", path)
+    _bind(endpoint, body_type, versioned, operation_id)
+    what = "a batch of instances in one call into the model" if batch else "one instance"
     router.add_api_route(
         path,
-        limit(predict),
+        limit(endpoint),
         methods=["POST"],
-        response_model=Prediction,
-        summary=f"Predict one instance with model {name!r}" + (" at a given version" if versioned else ""),
-        operation_id=operation_id,
-    )
-
-
-def _add_batch(router: APIRouter, path: str, name: str, names: tuple[str, ...], body_type: type, limit: Any, versioned: bool) -> None:
-    def predict_batch(
-        request: Request,
-        version: str | None = None,
-        *,
-        body: Any,
-        background: BackgroundTasks,
-        registry: RegistryDep,
-        user_id: UserId = None,
-        model_version: VersionOverride = None,
-    ) -> FastJSONResponse:
-        X = _matrix(body.instances, names)
-        scored = _run(request, registry, background, name, X, user_id, version or model_version)
-        return FastJSONResponse(
-            {
-                "model": scored.model.name,
-                "version": scored.model.version,
-                "predictions": scored.predictions(),
-                "probabilities": scored.probability_maps(),
-                "request_id": request.state.request_id,
-            }
-        )
-
-    operation_id = _operation_id("predict_batch", path)
-    _bind(predict_batch, body_type, versioned, operation_id)
-    router.add_api_route(
-        path,
-        limit(predict_batch),
-        methods=["POST"],
-        response_model=BatchPrediction,
-        summary=f"Predict a batch of instances with model {name!r} in one call into the model",
+        response_model=BatchPrediction if batch else Prediction,
+        summary=f"Predict {what} with model {name!r}" + (" at a given version" if versioned else ""),
         operation_id=operation_id,
     )
 
