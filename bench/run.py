@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Benchmarks of the service against the tutorial app and the machine's ceiling, measured in one run.
 
-    .venv/bin/python bench/run.py            # the full run (about 15 minutes on 2 cores)
-    .venv/bin/python bench/run.py --quick    # every figure, short and small (CI smoke run, under 2 minutes)
+    .venv/bin/python bench/run.py            # the full run (about 20 minutes on 2 cores)
+    .venv/bin/python bench/run.py --quick    # every figure, short and small: the CI smoke run
 
 Everything runs on loopback and every process started here is stopped by its PID.
 Contenders: kit-https (NGINX rendered by the nginx role, TLS, in front of the
@@ -791,9 +791,12 @@ def demo_models() -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one short round and a small forest (CI smoke run)")
-    parser.add_argument("--output", type=Path, default=BENCH / "results", help="folder for latest.json/.md, PNGs")
+    parser.add_argument("--output", type=Path, help="folder for latest.json, latest.md and the PNGs "
+                        "(default: bench/results; with --quick .cache/bench/quick, so a smoke run never replaces "
+                        "the committed figures)")
     args = parser.parse_args(argv)
     profile = QUICK if args.quick else FULL
+    args.output = args.output or (CACHE / "quick" if args.quick else BENCH / "results")
     if shutil.which("wrk") is None:
         print("wrk is not installed: run scripts/setup-host.sh (apt-get install wrk) and start again", file=sys.stderr)
         return 2
