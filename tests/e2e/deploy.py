@@ -1,0 +1,130 @@
+"""Running the deployment playbooks against the sandbox, as a user would from the repository root:
+
+    ANSIBLE_CONFIG=deploy/ansible/ansible.cfg ansible-playbook \\
+      -i deploy/ansible/inventories/sandbox -i .sandbox/inventory/hosts.yml deploy/ansible/site.yml
+
+The session provisions the sandbox once (site.yml twice: the second run must change nothing); every
+deploy test module shares that through `provision()`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from load import ContinuousClient, HttpsClient
+from sandbox import Sandbox
+
+ROOT = Path(__file__).resolve().parents[2]
+ANSIBLE_DIR = ROOT / "deploy" / "ansible"
+BIN = Path(sys.executable).parent
+LOG_DIR = ROOT / ".cache" / "e2e"
+MODELS = ROOT / "models"
+PLAYBOOK_TIMEOUT = 1800
+RECAP = re.compile(r"^(?P<host>\S+)\s+:\s+ok=(?P<ok>\d+)\s+changed=(?P<changed>\d+)\s+unreachable=(?P<unreachable>\d+)"
+                   r"\s+failed=(?P<failed>\d+)", re.M)
+
+
+@dataclass(frozen=True)
+class PlaybookRun:
+    playbook: str
+    returncode: int
+    output: str
+    log: Path
+
+    @property
+    def recap(self) -> dict[str, dict[str, int]]:
+        return {m["host"]: {k: int(m[k]) for k in ("ok", "changed", "unreachable", "failed")}
+                for m in RECAP.finditer(self.output)}
+
+    @property
+    def changed(self) -> int:
+        return sum(host["changed"] for host in self.recap.values())
+
+    def changed_tasks(self) -> list[str]:
+        """Names of the tasks that reported a change (for a readable failure message)."""
+        tasks, current = [], None
+        for line in self.output.splitlines():
+            if line.startswith(("TASK [", "RUNNING HANDLER [")):
+                current = line.split("[", 1)[1].rsplit("]", 1)[0]
+            elif line.startswith("changed:") and current and current not in tasks:
+                tasks.append(current)
+        return tasks
+
+    def tail(self, lines: int = 60) -> str:
+        return "\n".join(self.output.splitlines()[-lines:])
+
+
+def run_playbook(sandbox: Sandbox, playbook: str, extra_vars: dict | None = None, label: str | None = None,
+                 timeout: float = PLAYBOOK_TIMEOUT) -> PlaybookRun:
+    """Run deploy/ansible/<playbook> against the sandbox; the output is also kept in .cache/e2e/<label>.log."""
+    cmd = [str(BIN / "ansible-playbook"), "-i", str(ANSIBLE_DIR / "inventories" / "sandbox"),
+           "-i", str(sandbox.inventory), str(ANSIBLE_DIR / playbook)]
+    if extra_vars:
+        cmd += ["-e", json.dumps(extra_vars)]
+    env = {**os.environ, "ANSIBLE_CONFIG": str(ANSIBLE_DIR / "ansible.cfg"), "ANSIBLE_NOCOLOR": "1",
+           "ANSIBLE_FORCE_COLOR": "0", "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
+    result = subprocess.run(cmd, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, timeout=timeout)
+    LOG_DIR.mkdir(parents=True, exist_ok=True)
+    log = LOG_DIR / f"{label or Path(playbook).stem}.log"
+    log.write_text(result.stdout)
+    return PlaybookRun(playbook, result.returncode, result.stdout, log)
+
+
+def ensure_demo_models() -> Path:
+    """The demo packages in models/, as `make models` makes them."""
+    if not (MODELS / "iris" / "1" / "manifest.json").exists():
+        subprocess.run([sys.executable, str(ROOT / "scripts" / "train_model.py"), "--models-dir", str(MODELS)],
+                       cwd=ROOT, check=True, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    return MODELS
+
+
+_site_runs: tuple[PlaybookRun, PlaybookRun | None] | None = None
+
+
+def provision(sandbox: Sandbox) -> tuple[PlaybookRun, PlaybookRun | None]:
+    """site.yml from the sandbox's fresh state, then once more; done once per session."""
+    global _site_runs
+    if _site_runs is None:
+        ensure_demo_models()
+        first = run_playbook(sandbox, "site.yml", label="site-first")
+        second = run_playbook(sandbox, "site.yml", label="site-second") if first.returncode == 0 else None
+        _site_runs = (first, second)
+    return _site_runs
+
+
+def require_provisioned(sandbox: Sandbox) -> None:
+    first, _ = provision(sandbox)
+    assert first.returncode == 0, f"site.yml failed (log: {first.log}):\n{first.tail()}"
+
+
+def https(sandbox: Sandbox) -> HttpsClient:
+    return HttpsClient(sandbox.ca, sandbox.ip, sandbox.domain)
+
+
+def continuous_client(sandbox: Sandbox, **kwargs) -> ContinuousClient:
+    return ContinuousClient(sandbox.ca, sandbox.ip, sandbox.domain, **kwargs)
+
+
+def app_host(sandbox: Sandbox):
+    """The (single) host that runs the service."""
+    return sandbox.host(sandbox.app_ips[0])
+
+
+def release_copy(destination: Path, *, broken: bool = False) -> Path:
+    """A release folder (app/ and requirements.txt) copied from the checkout; `broken` makes the app fail at import."""
+    shutil.copytree(ROOT / "app", destination / "app", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.copy2(ROOT / "requirements.txt", destination / "requirements.txt")
+    marker = destination / "app" / "main.py"
+    if broken:
+        marker.write_text(marker.read_text() + '\nraise RuntimeError("deliberately broken release")\n')
+    else:
+        marker.write_text(marker.read_text() + f"\n# release built from a copy at {destination.name}\n")
+    return destination

@@ -1,0 +1,170 @@
+"""site.yml on a fresh sandbox host: idempotent, HTTPS with a Pebble certificate, hardened units, JSON logs,
+edge rate limits (issue 3, tests 1-5)."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import ssl
+import time
+
+import httpx
+import pytest
+from deploy import app_host, https, provision, require_provisioned
+from load import IRIS
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def host(sandbox):
+    require_provisioned(sandbox)
+    return app_host(sandbox)
+
+
+def test_site_playbook_succeeds_and_second_run_changes_nothing(sandbox):
+    first, second = provision(sandbox)
+    assert first.returncode == 0, f"first site.yml run failed (log: {first.log}):\n{first.tail()}"
+    assert second is not None and second.returncode == 0, f"second run failed (log: {second.log}):\n{second.tail()}"
+    assert second.changed == 0, (
+        f"the second site.yml run changed {second.changed} task(s): {second.changed_tasks()}; "
+        f"make them idempotent (log: {second.log})")
+
+
+def test_https_predict_answers(sandbox, host):
+    with https(sandbox) as client:
+        response = client.post("/v1/predict", json=IRIS)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model"] == "iris"
+    assert body["prediction"] == "setosa"
+    assert response.headers["x-request-id"] == body["request_id"]
+
+
+def test_certificate_is_issued_by_pebble_for_the_domain(sandbox, host):
+    context = ssl.create_default_context(cafile=str(sandbox.ca))
+    with socket.create_connection((sandbox.ip, 443), timeout=10) as raw, \
+            context.wrap_socket(raw, server_hostname=sandbox.domain) as tls:
+        cert = tls.getpeercert()
+    issuer = dict(pair[0] for pair in cert["issuer"])
+    names = [value for kind, value in cert["subjectAltName"] if kind == "DNS"]
+    assert "Pebble" in issuer.get("commonName", ""), f"issuer {issuer}: expected Pebble's intermediate"
+    assert names == [sandbox.domain]
+
+
+def test_http_redirects_to_https_with_308(sandbox, host):
+    response = httpx.get(f"http://{sandbox.ip}/v1/models?x=1", headers={"Host": sandbox.domain}, timeout=10)
+    assert response.status_code == 308
+    assert response.headers["location"] == f"https://{sandbox.domain}/v1/models?x=1"
+
+
+@pytest.mark.parametrize(("method", "path", "expected"), [
+    ("POST", "/v1/predict", 200),
+    ("GET", "/v1/models/no-such-model", 404),
+    ("POST", "/v1/predict/batch", 422),
+])
+def test_hsts_is_sent_on_success_and_errors(sandbox, host, method, path, expected):
+    with https(sandbox) as client:
+        body = (IRIS if expected == 200 else {}) if method == "POST" else None
+        response = client.request(method, path, json=body)
+    assert response.status_code == expected, response.text
+    assert response.headers["strict-transport-security"].startswith("max-age=63072000")
+
+
+@pytest.mark.parametrize("unit", ["mlapi@1.service", "mlapi@2.service", "mlapi.target", "redis-server.service",
+                                  "nginx.service", "certbot.timer"])
+def test_unit_is_enabled_and_running(sandbox, host, unit):
+    result = sandbox.ssh(host, f"systemctl is-enabled {unit}; systemctl is-active {unit}")
+    assert result.stdout.split() == ["enabled", "active"], f"{unit}: {result.stdout} {result.stderr}"
+
+
+def _listeners(sandbox, host, process: str) -> list[str]:
+    result = sandbox.ssh(host, "ss -Hltnp", check=True)
+    return [line.split()[3] for line in result.stdout.splitlines() if f'(("{process}"' in line]
+
+
+def test_gunicorn_listens_only_on_loopback(sandbox, host):
+    listeners = _listeners(sandbox, host, "gunicorn")
+    assert sorted(listeners) == ["127.0.0.1:8001", "127.0.0.1:8002"], listeners
+
+
+def test_redis_listens_only_on_loopback(sandbox, host):
+    listeners = _listeners(sandbox, host, "redis-server")
+    assert listeners and all(addr.startswith(("127.0.0.1:", "[::1]:")) for addr in listeners), listeners
+
+
+def test_firewall_is_active_and_allows_only_ssh_http_https(sandbox, host):
+    status = sandbox.ssh(host, "ufw status verbose", check=True).stdout
+    assert "Status: active" in status
+    assert "Default: deny (incoming)" in status
+    ports = {m.group(1) for m in re.finditer(r"^(\S+(?: \(v6\))?)\s+ALLOW IN\s", status, re.M)}
+    assert ports == {"22/tcp", "80/tcp", "443/tcp", "22/tcp (v6)", "80/tcp (v6)", "443/tcp (v6)"}, status
+
+
+def test_env_file_is_readable_by_the_service_group_only(sandbox, host):
+    result = sandbox.ssh(host, "stat -c '%a %U %G' /etc/mlapi/mlapi.env", check=True)
+    assert result.stdout.split() == ["640", "root", "mlapi"]
+
+
+@pytest.mark.parametrize("unit", ["mlapi@1.service", "mlapi@2.service"])
+def test_service_sandboxing_exposure_is_at_most_2(sandbox, host, unit):
+    result = sandbox.ssh(host, f"systemd-analyze security --no-pager {unit}", check=True)
+    match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout)
+    assert match, result.stdout[-500:]
+    exposure = float(match.group(1))
+    assert exposure <= 2.0, (
+        f"{unit} exposure {exposure} > 2.0: tighten deploy/systemd/mlapi@.service.d/hardening.conf.j2\n"
+        + "\n".join(line for line in result.stdout.splitlines() if line.startswith("✗")))
+
+
+def test_request_id_is_in_the_nginx_log_and_the_service_log(sandbox, host):
+    with https(sandbox) as client:
+        response = client.post("/v1/predict", json=IRIS)
+    assert response.status_code == 200
+    request_id = response.headers["x-request-id"]
+    found_nginx = found_service = False
+    for _ in range(20):  # both logs are written after the response is sent
+        nginx = sandbox.ssh(host, f"grep -F {request_id} /var/log/nginx/mlapi-access.log").stdout
+        service = sandbox.ssh(host, f"journalctl -o cat --no-pager -u 'mlapi@*' | grep -F {request_id}").stdout
+        found_nginx, found_service = bool(nginx), bool(service)
+        if found_nginx and found_service:
+            break
+        time.sleep(0.5)
+    assert found_nginx, f"{request_id} not in /var/log/nginx/mlapi-access.log"
+    assert found_service, f"{request_id} not in the journal of mlapi@*"
+    assert json.loads(nginx.splitlines()[0])["request_id"] == request_id
+    assert json.loads(service.splitlines()[0])["request_id"] == request_id
+
+
+@pytest.mark.parametrize("source", [
+    "cat /var/log/nginx/mlapi-access.log",
+    "journalctl -o cat --no-pager _SYSTEMD_UNIT=mlapi@1.service",
+    "journalctl -o cat --no-pager _SYSTEMD_UNIT=mlapi@2.service",
+])
+def test_every_log_line_is_json(sandbox, host, source):
+    lines = [line for line in sandbox.ssh(host, source, check=True).stdout.splitlines() if line.strip()]
+    assert lines, f"{source} printed nothing"
+    bad = []
+    for line in lines:
+        try:
+            json.loads(line)
+        except ValueError:
+            bad.append(line)
+    assert not bad, f"{len(bad)} of {len(lines)} lines from `{source}` are not JSON, e.g. {bad[:3]}"
+
+
+def test_burst_over_the_edge_limit_gets_429_json_never_503(sandbox, host):
+    statuses, bodies = [], []
+    with https(sandbox) as client:
+        # Far over nginx_rate_limit_rps + nginx_rate_limit_burst (20 + 40), sent as fast as one connection goes.
+        for _ in range(150):
+            response = client.post("/v1/predict", json=IRIS)
+            statuses.append(response.status_code)
+            if response.status_code == 429:
+                bodies.append(response.json())
+    assert 503 not in statuses
+    assert set(statuses) <= {200, 429}, statuses
+    assert statuses.count(429) > 0, "no request was limited: the edge limit did not apply"
+    assert all(body["error"]["code"] == "rate_limited" and body["error"]["request_id"] for body in bodies), bodies[:2]
+    time.sleep(3)  # let the bucket drain for the tests that follow

@@ -1,0 +1,34 @@
+"""Certificate renewal against Pebble while a client keeps sending: the deploy hook reloads NGINX and the new
+certificate is served with no failed request (issue 3, test 6)."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+
+import pytest
+from deploy import continuous_client, require_provisioned
+
+pytestmark = pytest.mark.e2e
+
+
+def served_serial(sandbox) -> str:
+    context = ssl.create_default_context(cafile=str(sandbox.ca))
+    with socket.create_connection((sandbox.ip, 443), timeout=10) as raw, \
+            context.wrap_socket(raw, server_hostname=sandbox.domain) as tls:
+        return tls.getpeercert()["serialNumber"]
+
+
+def test_forced_renewal_serves_the_new_certificate_without_failed_requests(sandbox):
+    require_provisioned(sandbox)
+    host = sandbox.host(sandbox.ip)
+    before = served_serial(sandbox)
+    # The same environment (ACME CA bundle, proxy) that certbot.timer's runs get from the unit's drop-in.
+    renew = ("env $(systemctl show certbot.service -p Environment --value) "
+             f"certbot renew --force-renewal --cert-name {sandbox.domain} --no-random-sleep-on-renew")
+    with continuous_client(sandbox) as load:
+        result = sandbox.ssh(host, renew, timeout=300)
+    assert result.returncode == 0, f"certbot renew failed:\n{result.stdout}\n{result.stderr}"
+    after = served_serial(sandbox)
+    assert after != before, "HTTPS still serves the old certificate: the deploy hook did not reload NGINX"
+    assert load.result.failed == 0, load.result.summary()

@@ -1,0 +1,77 @@
+"""Model and release deploys through the playbooks while a client keeps sending: zero failed requests; a broken
+release fails its gate and the previous release serves again (issue 3, test 7)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from deploy import ROOT, app_host, continuous_client, https, release_copy, require_provisioned, run_playbook
+
+pytestmark = pytest.mark.e2e
+
+
+def current_release(sandbox) -> str:
+    return sandbox.ssh(app_host(sandbox), "readlink /opt/mlapi/current", check=True).stdout.strip()
+
+
+def served_versions(sandbox, model: str) -> list[str]:
+    with https(sandbox) as client:
+        response = client.get(f"/v1/models/{model}")
+    assert response.status_code == 200, response.text
+    return [v["version"] for v in response.json()["versions"]]
+
+
+@pytest.fixture(scope="module")
+def provisioned(sandbox):
+    require_provisioned(sandbox)
+
+
+def test_model_version_deploy_under_load(sandbox, provisioned, tmp_path):
+    packages = tmp_path / "models"
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "train_model.py"), "--models-dir", str(packages),
+                    "--version", "2"], check=True, capture_output=True, text=True, cwd=ROOT)
+    with continuous_client(sandbox) as load:
+        run = run_playbook(sandbox, "deploy-model.yml", {"app_models_src": str(packages)}, label="deploy-model")
+    assert run.returncode == 0, f"deploy-model.yml failed (log: {run.log}):\n{run.tail()}"
+    assert "2" in served_versions(sandbox, "iris")
+    with https(sandbox) as client:
+        assert client.post("/v1/predict", json={"features": {"sepal_length": 5.1, "sepal_width": 3.5,
+                                                             "petal_length": 1.4, "petal_width": 0.2}}
+                           ).json()["version"] == "2"
+    assert load.result.failed == 0, load.result.summary()
+
+
+def test_release_deploy_and_rollback_under_load(sandbox, provisioned, tmp_path):
+    original = current_release(sandbox)
+    release = release_copy(tmp_path / "release")
+    with continuous_client(sandbox) as load:
+        deployed = run_playbook(sandbox, "deploy-release.yml",
+                                {"app_src_dir": str(release), "app_release_id": "e2e-second"}, label="deploy-release")
+    assert deployed.returncode == 0, f"deploy-release.yml failed (log: {deployed.log}):\n{deployed.tail()}"
+    assert current_release(sandbox) == "/opt/mlapi/releases/e2e-second"
+    assert load.result.failed == 0, "during the release deploy: " + load.result.summary()
+
+    with continuous_client(sandbox) as load:
+        rolled_back = run_playbook(sandbox, "rollback.yml", label="rollback")
+    assert rolled_back.returncode == 0, f"rollback.yml failed (log: {rolled_back.log}):\n{rolled_back.tail()}"
+    assert current_release(sandbox) == original
+    assert load.result.failed == 0, "during the rollback: " + load.result.summary()
+
+
+def test_broken_release_fails_its_gate_and_the_previous_release_serves_again(sandbox, provisioned, tmp_path):
+    before = current_release(sandbox)
+    release = release_copy(tmp_path / "release", broken=True)
+    with continuous_client(sandbox) as load:
+        run = run_playbook(sandbox, "deploy-release.yml",
+                           {"app_src_dir": str(release), "app_release_id": "e2e-broken", "app_gate_retries": 5},
+                           label="deploy-broken-release")
+    assert run.returncode != 0, "a release whose app cannot start was deployed without error"
+    assert "did not become ready on release e2e-broken" in run.output, run.tail()
+    assert current_release(sandbox) == before
+    host = app_host(sandbox)
+    states = sandbox.ssh(host, "systemctl is-active mlapi@1.service mlapi@2.service").stdout.split()
+    assert states == ["active", "active"]
+    # The broken instance refused connections; NGINX retried those requests on the other instance.
+    assert load.result.failed == 0, load.result.summary()
