@@ -232,6 +232,17 @@ class Stack:
         assert self.edge is not None
         return Endpoint(contender, self.edge.https_port, path, https=True, host=EDGE_NAME, cafile=self.cafile)
 
+    def server_pids(self, contender: str, model: str | None) -> list[int]:
+        """The processes that serve a contender (their descendants are found from them)."""
+        if contender == "ceiling":
+            return [self.ceiling.pid]
+        if contender == "tutorial":
+            return [self.tutorials[model].pid]  # type: ignore[index]
+        if contender == "kit-direct":
+            return [self.kit.pid]
+        assert self.edge is not None and self.edge.process is not None
+        return [self.kit.pid, self.edge.process.popen.pid]
+
     def kit_worker_pids(self) -> list[int]:
         return children(self.kit.pid)
 
@@ -267,7 +278,7 @@ def wrk(endpoint: Endpoint, body: bytes, connections: int, duration: float, work
     body_file = workdir / f"body-{len(body)}.json"
     if not body_file.exists():
         body_file.write_bytes(body)
-    argv = ["wrk", f"-t{min(2, connections)}", f"-c{connections}", f"-d{duration}s", "--timeout", "5s",
+    argv = ["wrk", f"-t{min(2, connections)}", f"-c{connections}", f"-d{duration}s", "--timeout", "10s",
             "-s", str(WRK_SCRIPT), "-H", f"Host: {endpoint.host}", endpoint.url]
     result = subprocess.run(argv, env={**os.environ, "BENCH_BODY_FILE": str(body_file)}, capture_output=True,
                             text=True, timeout=duration + 60)
@@ -312,13 +323,17 @@ def figure_single(stack: Stack, profile: Profile, workdir: Path, warnings: list[
         for connections in profile.connections:
             for contender, model in rotated(order, round_index):
                 endpoint = stack.endpoint(contender, model)
+                roots = stack.server_pids(contender, model)
+                cpu_before = cpu_seconds(roots)
                 result = wrk(endpoint, body, connections, profile.duration, workdir)
+                result["cpu_ms_per_request"] = (cpu_seconds(roots) - cpu_before) * 1000 / max(1, result["requests"])
                 key = model or "any"
                 if result["errors"]:
                     warnings.append(f"single {contender} {key} c{connections}: {result['error_kinds']}")
                 runs[key][str(connections)][contender].append(result)
                 log(f"single r{round_index + 1} c{connections} {contender:10s} {key:6s} "
-                    f"{result['rps']:8.0f} req/s p50 {result['p50_ms']:.2f} ms p99 {result['p99_ms']:.2f} ms")
+                    f"{result['rps']:8.0f} req/s p50 {result['p50_ms']:.2f} ms p99 {result['p99_ms']:.2f} ms "
+                    f"CPU {result['cpu_ms_per_request']:.3f} ms/request")
     figures: dict = {}
     for model in MODELS:
         figures[model] = {}
@@ -331,6 +346,7 @@ def figure_single(stack: Stack, profile: Profile, workdir: Path, warnings: list[
                     "rps": median_of(series, "rps"),
                     "p50_ms": median_of(series, "p50_ms"),
                     "p99_ms": median_of(series, "p99_ms"),
+                    "cpu_ms_per_request": median_of(series, "cpu_ms_per_request"),
                     "rps_rounds": [round(r["rps"], 1) for r in series],
                 }
             figures[model][c] = row
@@ -400,6 +416,29 @@ def figure_paced(stack: Stack, single: dict, profile: Profile, warnings: list[st
               ("offered_rps", "achieved_rps", "p50_ms", "p99_ms", "p999_ms", "max_ms")}
         for key, series in runs.items()
     }
+
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(roots: list[int]) -> float:
+    """CPU time used so far by each root process and its live descendants; workers that exited and were
+    reaped are in their parent's cutime/cstime, so a worker recycled during a run still counts."""
+    total = 0.0
+    for root in roots:
+        stack, first = [root], True
+        while stack:
+            pid = stack.pop()
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                stack.extend(children(pid))
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            # Fields 14-17 of stat (utime stime cutime cstime) are 11-14 after the command name.
+            ticks = int(fields[11]) + int(fields[12]) + ((int(fields[13]) + int(fields[14])) if first else 0)
+            total += ticks / CLOCK_TICKS
+            first = False
+    return total
 
 
 def children(pid: int) -> list[int]:
@@ -521,7 +560,11 @@ def figure_provisioning() -> dict:
 
 
 def profile_kit(stack: Stack, profile: Profile, workdir: Path) -> dict:
-    """Where a kit worker spends its time under single-row RandomForest load (py-spy, all threads)."""
+    """Where a kit worker spends its time under single-row RandomForest load.
+
+    py-spy samples only the thread holding the GIL: on a shared machine a descheduled thread would
+    otherwise be sampled wherever it stopped, usually in a system call.
+    """
     endpoint = stack.endpoint("kit-direct", "rf")
     body_file = workdir / "profile-body.json"
     body_file.write_bytes(single_body())
@@ -537,7 +580,7 @@ def profile_kit(stack: Stack, profile: Profile, workdir: Path) -> dict:
             out = workdir / f"py-spy-{pid}.txt"
             spies.append((out, subprocess.Popen(
                 [str(VENV_BIN / "py-spy"), "record", "--pid", str(pid), "--duration", str(int(duration)),
-                 "--rate", "250", "--format", "raw", "--output", str(out), "--nonblocking"],
+                 "--rate", "250", "--format", "raw", "--output", str(out), "--nonblocking", "--gil"],
                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)))
         for _, spy in spies:
             spy.wait(timeout=duration + 60)
@@ -565,17 +608,31 @@ def profile_kit(stack: Stack, profile: Profile, workdir: Path) -> dict:
     def top(table: dict[str, int], n: int) -> list[dict]:
         return [{"frame": k, "share": round(v / total, 4)} for k, v in
                 sorted(table.items(), key=lambda kv: -kv[1])[:n]] if total else []
-    return {"samples": total, "seconds": duration, "self": top(self_samples, 15), "inclusive": top(inclusive, 40)}
+    return {"samples": total, "seconds": duration, "self": top(self_samples, 20),
+            "inclusive": [e for e in top(inclusive, 400) if e["share"] >= 0.005]}
 
+
+# The service's own modules, and the library frames on its request path worth naming in the report.
+PROFILE_FILES = ("(app/",)
+PROFILE_FRAMES = {"solve_dependencies", "run_sync_in_worker_thread", "Session.run", "StreamHandler.emit",
+                  "serialize_response", "_prepare_response_content", "Limiter._check_request_limit",
+                  "RequestResponseCycle.send", "uuid4", "request_body_to_args", "Runner.run"}
 
 # Threadpool threads waiting for work: asleep, though py-spy samples them as Python frames.
 IDLE_FRAMES = {"Condition.wait (threading.py)"}
 
 
 def _frame(frame: str) -> str:
-    # "function (path/to/file.py:123)" -> "function (file.py)": one entry per function.
+    """"function (/abs/path/site-packages/pkg/mod.py:123)" -> "function (pkg/mod.py)": one entry per function."""
     name, _, where = frame.partition(" (")
-    return f"{name} ({Path(where.split(':')[0]).name})" if where else name
+    if not where:
+        return name
+    path = where.rsplit(":", 1)[0]
+    for marker in ("site-packages/", f"{ROOT}/", "/lib/python3.11/"):
+        if marker in path:
+            path = path.split(marker, 1)[1]
+            break
+    return f"{name} ({path})"
 
 
 # Report --------------------------------------------------------------------------------------------------------
@@ -598,6 +655,8 @@ def ratios_and_targets(results: dict, profile: Profile) -> tuple[dict, list[dict
                          ("kit-https", "kit-direct"), ("kit-https", "ceiling")):
                 key = f"{model}_c{c}_{a.replace('-', '_')}_over_{b.replace('-', '_')}"
                 ratios[key] = row[a]["rps"] / row[b]["rps"]
+                ratios[f"{model}_c{c}_cpu_per_request_{a.replace('-', '_')}_over_{b.replace('-', '_')}"] = (
+                    row[a]["cpu_ms_per_request"] / row[b]["cpu_ms_per_request"])
             bound = 20.0 if model == "rf" else 1.0
             target(f"{model}_c{c}_kit_https_over_tutorial", ratios[f"{model}_c{c}_kit_https_over_tutorial"], ">=",
                    bound, f"{model} single row c{c}: kit-https / tutorial req/s")
@@ -655,6 +714,13 @@ def markdown(results: dict) -> str:
                        f"{ratios[f'{model}_c{c}_kit_https_over_tutorial']:.1f}× | "
                        f"{ratios[f'{model}_c{c}_kit_direct_over_ceiling']:.2f}× | "
                        f"{ratios[f'{model}_c{c}_kit_https_over_kit_direct']:.2f}× |")
+    out += ["", "Server CPU per request, ms (all processes of the contender, NGINX included for kit-https; "
+            "independent of what else the machine runs):", "",
+            "| model | connections | " + " | ".join(CONTENDERS) + " | direct/ceiling |", "|---|---|" + "---|" * 5]
+    for model, by_c in results["single"].items():
+        for c, row in by_c.items():
+            out.append(f"| {model} | {c} | " + " | ".join(f"{row[x]['cpu_ms_per_request']:.3f}" for x in CONTENDERS)
+                       + f" | {ratios[f'{model}_c{c}_cpu_per_request_kit_direct_over_ceiling']:.1f}× |")
     out += ["", f"## 2. Batches, RandomForest: rows/s ({meta['batch_connections']} connections)", "",
             "| rows per request | kit-https | kit-direct | in-process predict_proba | https/in-process |",
             "|---|---|---|---|---|"]
@@ -687,10 +753,13 @@ def markdown(results: dict) -> str:
         out.append(f"| {t['what']} | {t['value']} | {t['target']} | {'yes' if t['met'] else '**no**'} | {t['by']} |")
     if results.get("profile", {}).get("samples"):
         prof = results["profile"]
-        out += ["", f"## Profile: a kit worker under single-row RandomForest load ({prof['samples']} samples)", "",
-                "| frame (inclusive) | share of samples |", "|---|---|"]
-        for entry in prof["inclusive"][:25]:
-            out.append(f"| `{entry['frame']}` | {entry['share'] * 100:.1f}% |")
+        out += ["", f"## Profile: kit workers under single-row RandomForest load, 16 connections "
+                f"({prof['samples']} samples holding the GIL)", "",
+                "| frame (self) | share |", "|---|---|"]
+        out += [f"| `{e['frame']}` | {e['share'] * 100:.1f}% |" for e in prof["self"][:15]]
+        out += ["", "| frame of the service or on its request path (inclusive) | share |", "|---|---|"]
+        out += [f"| `{e['frame']}` | {e['share'] * 100:.1f}% |" for e in prof["inclusive"]
+                if any(f in e["frame"] for f in PROFILE_FILES) or e["frame"].split(" (")[0] in PROFILE_FRAMES]
     if results["warnings"]:
         out += ["", "## Warnings", ""] + [f"- {w}" for w in results["warnings"]]
     return "\n".join(out) + "\n"
