@@ -6,7 +6,7 @@ import socket
 import subprocess
 
 import pytest
-from nginx_helpers import free_port, render
+from nginx_helpers import VENV_BIN, free_port, render
 
 pytestmark = pytest.mark.integration
 
@@ -19,7 +19,7 @@ def bootstrap_edge(tmp_path_factory):
     edge.stop()
 
 
-def test_configuration_without_certificate_passes_nginx_t(bootstrap_edge):
+def test_lint_nginx_t_accepts_the_configuration_without_certificate(bootstrap_edge):
     result = subprocess.run(
         ["nginx", "-t", "-c", str(bootstrap_edge.prefix / "nginx.conf")], capture_output=True, text=True
     )
@@ -37,3 +37,10 @@ def test_acme_challenge_is_served_before_the_certificate_exists(bootstrap_edge):
 def test_https_is_not_served_before_the_certificate_exists(bootstrap_edge):
     with socket.socket() as sock:
         assert sock.connect_ex(("127.0.0.1", bootstrap_edge.https_port)) != 0
+
+
+def test_lint_gixy_accepts_the_configuration_without_certificate(bootstrap_edge):
+    result = subprocess.run(
+        [str(VENV_BIN / "gixy"), str(bootstrap_edge.prefix / "nginx.conf")], capture_output=True, text=True
+    )
+    assert result.returncode == 0, f"gixy reports issues; change the templates in deploy/nginx/:\n{result.stdout}"

@@ -282,12 +282,12 @@ def test_every_access_log_line_is_json_with_the_required_fields(edge, source):
 
 # Linters ----------------------------------------------------------------------------------
 
-def test_rendered_configuration_passes_nginx_t(edge):
+def test_lint_nginx_t_accepts_the_rendered_configuration(edge):
     result = subprocess.run(["nginx", "-t", "-c", str(edge.prefix / "nginx.conf")], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
 
 
-def test_rendered_configuration_passes_gixy(edge):
+def test_lint_gixy_accepts_the_rendered_configuration(edge):
     result = subprocess.run([str(VENV_BIN / "gixy"), str(edge.prefix / "nginx.conf")], capture_output=True, text=True)
     assert result.returncode == 0, f"gixy reports issues; change the templates in deploy/nginx/:\n{result.stdout}"
     assert "No issues found" in result.stdout
