@@ -1,6 +1,6 @@
-"""A sandbox of the tests' own, from up to down: the caller's network never changes, a host's firewall
-works inside its own namespace, the ACME CA validates HTTP-01 on the lb host, a host survives a power
-cycle, and down leaves nothing behind.
+"""A sandbox of the tests' own, from up to down: the caller's network never changes, the hosts boot
+systemd to "running", a host's firewall works inside its own namespace, the ACME CA validates HTTP-01
+on the lb host, a host survives a power cycle, and down leaves nothing behind.
 
 These tests run first in the session (see conftest.py), before any test uses the shared sandbox."""
 
@@ -63,6 +63,12 @@ def own_sandbox(network_before: dict[str, str]) -> Iterator[Sandbox]:
 
 def test_up_leaves_the_callers_network_unchanged(own_sandbox: Sandbox, network_before: dict[str, str]) -> None:
     assert caller_network() == network_before
+
+
+@pytest.mark.parametrize("host", ["mlapi-sb1", "mlapi-sb2"])
+def test_each_host_boots_systemd_as_pid_1_to_running(own_sandbox: Sandbox, host: str) -> None:
+    result = own_sandbox.ssh(host, "ps -o comm= -p 1; systemctl is-system-running --wait; systemctl --failed --plain")
+    assert result.stdout.split()[:2] == ["systemd", "running"], result.stdout
 
 
 def test_a_hosts_firewall_filters_its_own_namespace_only(own_sandbox: Sandbox) -> None:
