@@ -158,7 +158,8 @@ class Listener:
             sock.bind((self.rule.listen_addr, self.rule.listen_port))
         except OSError as exc:
             sock.close()
-            raise OSError(exc.errno, f"cannot listen on {self.rule.listen_addr}:{self.rule.listen_port}: {exc.strerror}")
+            address = f"{self.rule.listen_addr}:{self.rule.listen_port}"
+            raise OSError(exc.errno, f"cannot listen on {address}: {exc.strerror}") from exc
         sock.listen(1024)
         sock.setblocking(False)
         return sock
@@ -195,7 +196,10 @@ async def serve(rules: list[Rule], ready_file: str | None) -> None:
     namespaces = Namespaces()
     listeners = [Listener(rule, namespaces) for rule in rules]
     sockets = [listener.bind() for listener in listeners]
-    servers = [await loop.create_server(listener.protocol, sock=sock) for listener, sock in zip(listeners, sockets)]
+    servers = [
+        await loop.create_server(listener.protocol, sock=sock)
+        for listener, sock in zip(listeners, sockets, strict=True)
+    ]
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)

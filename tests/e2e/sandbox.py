@@ -30,7 +30,8 @@ def run_script(*args: str, timeout: float = UP_TIMEOUT) -> subprocess.CompletedP
     result = subprocess.run([str(SCRIPT), *args], stdin=subprocess.DEVNULL, capture_output=True, text=True,
                             timeout=timeout)
     if result.returncode != 0:
-        raise SandboxCommandError(f"sandbox {' '.join(args)} exited {result.returncode}:\n{result.stderr}{result.stdout}")
+        raise SandboxCommandError(
+            f"sandbox {' '.join(args)} exited {result.returncode}:\n{result.stderr}{result.stdout}")
     return result
 
 
@@ -59,7 +60,10 @@ class Sandbox:
         self.hosts = [
             SandboxHost(name, ip, private_ip)
             for name, ip, private_ip in zip(
-                env["SANDBOX_HOSTS"].split(), env["SANDBOX_HOST_IPS"].split(), env["SANDBOX_HOST_PRIVATE_IPS"].split()
+                env["SANDBOX_HOSTS"].split(),
+                env["SANDBOX_HOST_IPS"].split(),
+                env["SANDBOX_HOST_PRIVATE_IPS"].split(),
+                strict=True,
             )
         ]
 

@@ -51,7 +51,8 @@ def test_pip_downloads_through_the_proxy_trusting_the_controller_ca_bundle(sandb
 def test_acme_directory_answers_inside_the_sandbox_over_verified_https(sandbox: Sandbox) -> None:
     sandbox.copy_to("mlapi-sb1", sandbox.acme_tls_ca, "/tmp/acme-tls-ca.pem")
     directory_url = sandbox.env["SANDBOX_ACME_DIRECTORY"]
-    result = sandbox.ssh("mlapi-sb1", f"curl -sS --noproxy '*' --cacert /tmp/acme-tls-ca.pem {directory_url}", check=True)
+    result = sandbox.ssh(
+        "mlapi-sb1", f"curl -sS --noproxy '*' --cacert /tmp/acme-tls-ca.pem {directory_url}", check=True)
     assert {"newAccount", "newNonce", "newOrder"} <= set(json.loads(result.stdout))
 
 
