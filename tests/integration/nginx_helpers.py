@@ -179,7 +179,9 @@ class Edge:
             self.process.stop(signal.SIGQUIT)
 
     def log_lines(self) -> list[str]:
-        return self.access_log.read_text().splitlines() if self.access_log.exists() else []
+        """Complete access log lines (a line being written has no newline yet)."""
+        text = self.access_log.read_text() if self.access_log.exists() else ""
+        return text[: text.rfind("\n") + 1].splitlines()
 
     # Clients ----------------------------------------------------------------------------
     def tls_context(self) -> ssl.SSLContext:

@@ -24,6 +24,7 @@ from nginx_helpers import (
     make_models,
     running_edge,
     start_gunicorn,
+    wait_until,
 )
 
 pytestmark = pytest.mark.integration
@@ -79,9 +80,15 @@ def rate_limited_response(edge, source):
 
 
 def log_entry(edge, request_id):
-    entries = [json.loads(line) for line in edge.log_lines()]
-    matches = [e for e in entries if e["request_id"] == request_id]
-    assert matches, f"no access log line with request_id {request_id}"
+    """The request's access log line. NGINX writes it after the response (for a refused body,
+    after the client has gone), so it is polled for, a bounded number of times."""
+    matches = []
+
+    def logged():
+        matches[:] = [e for e in map(json.loads, edge.log_lines()) if e["request_id"] == request_id]
+        return bool(matches)
+
+    wait_until(logged, f"an access log line with request_id {request_id}")
     return matches[-1]
 
 
@@ -267,14 +274,12 @@ def test_metrics_are_served_to_an_allowed_address(edge):
 # Access log -------------------------------------------------------------------------------
 
 def test_every_access_log_line_is_json_with_the_required_fields(edge, source):
-    edge.predict(source=source, headers={"X-Request-ID": "logged-1"})
     edge.http("GET", "/")
-    lines = edge.log_lines()
-    assert lines
-    for line in lines:
-        entry = json.loads(line)
-        assert LOG_FIELDS <= set(entry), f"missing {LOG_FIELDS - set(entry)} in {line}"
+    edge.predict(source=source, headers={"X-Request-ID": "logged-1"})
     entry = log_entry(edge, "logged-1")
+    for line in edge.log_lines():
+        fields = set(json.loads(line))
+        assert LOG_FIELDS <= fields, f"missing {LOG_FIELDS - fields} in {line}"
     assert (entry["method"], entry["uri"], entry["status"]) == ("POST", "/v1/predict", 200)
     assert entry["ssl_protocol"] == "TLSv1.3"
     assert entry["host"] == SERVER_NAME
