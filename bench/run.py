@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmarks of the service against the tutorial app and the machine's ceiling, measured in one run.
 
-    .venv/bin/python bench/run.py            # the full run (about 20 minutes on 2 cores)
+    .venv/bin/python bench/run.py            # the full run (about 15 minutes on 2 cores)
     .venv/bin/python bench/run.py --quick    # every figure, short and small: the CI smoke run
 
 Everything runs on loopback and every process started here is stopped by its PID.
@@ -614,9 +614,8 @@ def profile_kit(stack: Stack, profile: Profile, workdir: Path) -> dict:
 
 # The service's own modules, and the library frames on its request path worth naming in the report.
 PROFILE_FILES = ("(app/",)
-PROFILE_FRAMES = {"solve_dependencies", "run_sync_in_worker_thread", "Session.run", "StreamHandler.emit",
-                  "serialize_response", "_prepare_response_content", "Limiter._check_request_limit",
-                  "RequestResponseCycle.send", "uuid4", "request_body_to_args", "Runner.run"}
+PROFILE_FRAMES = {"solve_dependencies", "run_sync_in_worker_thread", "notify", "emit", "sync_wrapper",
+                  "serialize_response", "send", "uuid4", "request_body_to_args", "observe", "inc"}
 
 # Threadpool threads waiting for work: asleep, though py-spy samples them as Python frames.
 IDLE_FRAMES = {"Condition.wait (threading.py)"}
@@ -759,7 +758,8 @@ def markdown(results: dict) -> str:
         out += [f"| `{e['frame']}` | {e['share'] * 100:.1f}% |" for e in prof["self"][:15]]
         out += ["", "| frame of the service or on its request path (inclusive) | share |", "|---|---|"]
         out += [f"| `{e['frame']}` | {e['share'] * 100:.1f}% |" for e in prof["inclusive"]
-                if any(f in e["frame"] for f in PROFILE_FILES) or e["frame"].split(" (")[0] in PROFILE_FRAMES]
+                if any(f in e["frame"] for f in PROFILE_FILES)
+                or e["frame"].split(" (")[0].rsplit(".", 1)[-1] in PROFILE_FRAMES]
     if results["warnings"]:
         out += ["", "## Warnings", ""] + [f"- {w}" for w in results["warnings"]]
     return "\n".join(out) + "\n"
