@@ -103,6 +103,19 @@ class Sandbox:
         return self.env["SANDBOX_IP"]
 
     @property
+    def ssh_port(self) -> int:
+        """The relay ports: 22, 80 and 443, unless a service on this machine holds one on every address."""
+        return int(self.env["SANDBOX_SSH_PORT"])
+
+    @property
+    def http_port(self) -> int:
+        return int(self.env["SANDBOX_HTTP_PORT"])
+
+    @property
+    def https_port(self) -> int:
+        return int(self.env["SANDBOX_HTTPS_PORT"])
+
+    @property
     def ca(self) -> Path:
         """Pebble's root: what a client needs to trust certificates issued in the sandbox."""
         return Path(self.env["SANDBOX_CA"])
@@ -134,7 +147,8 @@ class Sandbox:
         raise KeyError(f"no sandbox host {host!r}; hosts: {[h.name for h in self.hosts]}")
 
     def ssh_command(self, host: str | SandboxHost, command: str) -> list[str]:
-        return ["ssh", "-i", str(self.ssh_key), *SSH_OPTIONS, f"root@{self.host(host).ip}", command]
+        return ["ssh", "-i", str(self.ssh_key), "-p", str(self.ssh_port), *SSH_OPTIONS, f"root@{self.host(host).ip}",
+                command]
 
     def ssh(self, host: str | SandboxHost, command: str, *, check: bool = False, input: str | None = None,
             timeout: float = 300) -> subprocess.CompletedProcess:
