@@ -15,10 +15,12 @@ import re
 import shutil
 import subprocess
 import sys
+import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from load import ContinuousClient, HttpsClient
+from load import IRIS, ContinuousClient, HttpsClient
 from sandbox import Sandbox
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -116,6 +118,24 @@ def continuous_client(sandbox: Sandbox, **kwargs) -> ContinuousClient:
 def app_host(sandbox: Sandbox):
     """The (single) host that runs the service."""
     return sandbox.host(sandbox.app_ips[0])
+
+
+def wait_until_every_instance_serves(sandbox: Sandbox, instances: int = 2, timeout: float = 90) -> None:
+    """Until NGINX sends requests to every instance again (it leaves a failed one out for its fail_timeout)."""
+    host = sandbox.host(sandbox.ip)
+    deadline = time.monotonic() + timeout
+    seen: set[str] = set()
+    with https(sandbox) as client:
+        while time.monotonic() < deadline:
+            marker = uuid.uuid4().hex
+            for n in range(2 * instances):
+                client.post("/v1/predict", json=IRIS, headers={"X-Request-ID": f"{marker}{n:02d}"})
+            log = sandbox.ssh(host, f"grep -F {marker} /var/log/nginx/mlapi-access.log").stdout
+            seen = {json.loads(line)["upstream_addr"] for line in log.splitlines()}
+            if len(seen) >= instances and all("," not in addr for addr in seen):
+                return
+            time.sleep(2)
+    raise AssertionError(f"NGINX did not use all {instances} instances within {timeout}s (upstreams seen: {seen})")
 
 
 def release_copy(destination: Path, *, broken: bool = False) -> Path:

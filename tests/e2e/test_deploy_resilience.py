@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from deploy import app_host, continuous_client, require_provisioned
+from deploy import app_host, continuous_client, require_provisioned, wait_until_every_instance_serves
 
 pytestmark = pytest.mark.e2e
 
@@ -19,6 +19,7 @@ def test_killed_instance_is_restarted_and_requests_keep_succeeding(sandbox):
     require_provisioned(sandbox)
     host = app_host(sandbox)
     unit = "mlapi@1.service"
+    wait_until_every_instance_serves(sandbox)
     killed = main_pid(sandbox, host, unit)
     assert killed > 0, f"{unit} has no main process"
     with continuous_client(sandbox) as load:

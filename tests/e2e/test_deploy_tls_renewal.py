@@ -7,7 +7,7 @@ import socket
 import ssl
 
 import pytest
-from deploy import continuous_client, require_provisioned
+from deploy import continuous_client, require_provisioned, wait_until_every_instance_serves
 
 pytestmark = pytest.mark.e2e
 
@@ -21,6 +21,7 @@ def served_serial(sandbox) -> str:
 
 def test_forced_renewal_serves_the_new_certificate_without_failed_requests(sandbox):
     require_provisioned(sandbox)
+    wait_until_every_instance_serves(sandbox)
     host = sandbox.host(sandbox.ip)
     before = served_serial(sandbox)
     # The same environment (ACME CA bundle, proxy) that certbot.timer's runs get from the unit's drop-in.

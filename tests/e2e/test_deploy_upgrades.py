@@ -7,7 +7,16 @@ import subprocess
 import sys
 
 import pytest
-from deploy import ROOT, app_host, continuous_client, https, release_copy, require_provisioned, run_playbook
+from deploy import (
+    ROOT,
+    app_host,
+    continuous_client,
+    https,
+    release_copy,
+    require_provisioned,
+    run_playbook,
+    wait_until_every_instance_serves,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -23,9 +32,11 @@ def served_versions(sandbox, model: str) -> list[str]:
     return [v["version"] for v in response.json()["versions"]]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def provisioned(sandbox):
+    """A provisioned host whose instances are all in NGINX's rotation (an earlier test may have restarted one)."""
     require_provisioned(sandbox)
+    wait_until_every_instance_serves(sandbox)
 
 
 def test_model_version_deploy_under_load(sandbox, provisioned, tmp_path):
