@@ -93,6 +93,7 @@ def test_env_file_and_inventory_point_at_existing_controller_files(sandbox: Sand
     assert parsed["lb"]["hosts"] == parsed["app"]["hosts"] == parsed["redis"]["hosts"] == ["mlapi-sb1"]
     host_vars = parsed["_meta"]["hostvars"]["mlapi-sb1"]
     assert host_vars["ansible_host"] == sandbox.ip
+    assert host_vars["ansible_port"] == sandbox.ssh_port
     assert host_vars["private_ip"] == sandbox.env["SANDBOX_INTERNAL_IP"]
     assert host_vars["sandbox_domain"] == sandbox.domain
     assert "sandbox_acme_directory" in inventory
