@@ -21,7 +21,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def sandbox() -> Iterator[Sandbox]:
     """One sandbox host in every group (lb, app, redis), reused if already up; removed at the end of the
     session unless MLAPI_KEEP_SANDBOX=1."""
-    box = Sandbox.up(hosts=1)
+    keep = os.environ.get("MLAPI_KEEP_SANDBOX") == "1"
+    try:
+        box = Sandbox.up(hosts=1)
+    except Exception:
+        if not keep:  # a half-started sandbox is removed too; keep it to read .sandbox/logs
+            Sandbox.down()
+        raise
     yield box
-    if os.environ.get("MLAPI_KEEP_SANDBOX") != "1":
+    if not keep:
         Sandbox.down()
