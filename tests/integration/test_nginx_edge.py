@@ -29,7 +29,7 @@ from nginx_helpers import (
 
 pytestmark = pytest.mark.integration
 
-RATE_LIMIT_RPS = 2
+RATE_LIMIT_RPS = 1
 RATE_LIMIT_BURST = 5
 METRICS_CLIENT = "127.0.0.3"  # the only address allowed to read /metrics here (not 127.0.0.1)
 LOG_FIELDS = {
@@ -214,7 +214,7 @@ def test_unsafe_client_request_id_is_replaced(edge, source):
 # Limits -----------------------------------------------------------------------------------
 
 def test_burst_over_the_limit_gets_429_in_the_error_shape(edge, source):
-    statuses = [edge.predict(source=source) for _ in range(RATE_LIMIT_BURST + 20)]
+    statuses = [edge.predict(source=source) for _ in range(RATE_LIMIT_BURST + 30)]
     assert {r.status for r in statuses} <= {200, 429}, "only successes and 429s, never 503"
     refused = [r for r in statuses if r.status == 429]
     assert refused, "a burst over the limit must be refused"
