@@ -11,15 +11,19 @@ from app.security import check_api_key
 from app.settings import Settings
 
 
-def get_settings(request: Request) -> Settings:
+# These do no I/O, so they are `async def`: FastAPI would otherwise hand each one to
+# its threadpool, a thread switch per dependency per request.
+
+
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_registry(request: Request) -> ModelRegistry:
+async def get_registry(request: Request) -> ModelRegistry:
     return request.app.state.registry
 
 
-def api_key(request: Request) -> None:
+async def api_key(request: Request) -> None:
     check_api_key(request, request.app.state.settings)
 
 

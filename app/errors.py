@@ -12,11 +12,11 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from app.responses import FastJSONResponse
 from slowapi.errors import RateLimitExceeded
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.logs import get_logger, request_id_var
+from app.responses import FastJSONResponse
 
 log = get_logger("errors")
 

@@ -15,7 +15,6 @@ from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
-from app.responses import FastJSONResponse
 from slowapi import Limiter
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
@@ -25,6 +24,7 @@ from app.logs import configure_logging, get_logger
 from app.middleware import RequestContextMiddleware
 from app.packaging import Manifest, PackageError, discover
 from app.registry import ModelRegistry, _version_key
+from app.responses import FastJSONResponse
 from app.routes import health, models, predict, v2
 from app.security import rate_limit_key
 from app.settings import Settings, get_settings

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from collections.abc import Callable
+from typing import Any, TypeVar
 
+from slowapi import Limiter
 from starlette.requests import Request
 
 from app.errors import APIError
 from app.settings import Settings
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def key_digest(key: str) -> str:
@@ -52,3 +57,14 @@ def rate_limit_key(request: Request) -> str:
         return key
     client = request.client
     return "ip:" + (client.host if client else "unknown")
+
+
+def shared_limit(request_limiter: Limiter, settings: Settings, value: str, scope: str) -> Callable[[F], F]:
+    """slowapi's limit shared by every route it decorates under ``scope``.
+
+    With limits off, routes get no wrapper at all: slowapi's costs time per
+    request even when disabled.
+    """
+    if not settings.rate_limit_enabled:
+        return lambda func: func
+    return request_limiter.shared_limit(value, scope=scope)

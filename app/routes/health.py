@@ -3,11 +3,11 @@
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
-from app.responses import FastJSONResponse
 
 from app.deps import RegistryDep
 from app.errors import error_response
 from app.metrics import render
+from app.responses import FastJSONResponse
 
 router = APIRouter(tags=["health"])
 

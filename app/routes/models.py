@@ -3,14 +3,15 @@
 from typing import Any
 
 from fastapi import APIRouter, Request
-from app.responses import FastJSONResponse
 from slowapi import Limiter
 
 from app.deps import ApiKey, RegistryDep
 from app.errors import APIError
 from app.packaging import LoadedModel
 from app.registry import ModelRegistry, ServedModel, UnknownModel
+from app.responses import FastJSONResponse
 from app.schemas import ERROR_RESPONSES
+from app.security import shared_limit
 from app.settings import Settings
 
 
@@ -43,7 +44,7 @@ def model_info(registry: ModelRegistry, served: ServedModel) -> dict[str, Any]:
 
 def build_router(settings: Settings, limiter: Limiter) -> APIRouter:
     router = APIRouter(prefix="/v1/models", tags=["models"], dependencies=[ApiKey], responses=ERROR_RESPONSES)
-    limit = limiter.shared_limit(settings.rate_limit_default, scope="api")
+    limit = shared_limit(limiter, settings, settings.rate_limit_default, "api")
 
     @router.get("", summary="Every loaded model with its versions, features, metrics, engine and drift")
     @limit

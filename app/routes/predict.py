@@ -13,7 +13,6 @@ from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, BackgroundTasks, Request
-from app.responses import FastJSONResponse
 from pydantic import BaseModel
 from slowapi import Limiter
 
@@ -22,7 +21,9 @@ from app.errors import APIError
 from app.inference import Scored, score, shadow_score
 from app.packaging import Manifest
 from app.registry import ModelRegistry, UnknownModel
+from app.responses import FastJSONResponse
 from app.schemas import ERROR_RESPONSES, BatchPrediction, Prediction, request_models
+from app.security import shared_limit
 from app.settings import Settings
 
 
@@ -52,7 +53,7 @@ def _run(
 def build_router(manifests: dict[str, Manifest], default: str | None, settings: Settings, limiter: Limiter) -> APIRouter:
     router = APIRouter(prefix="/v1", tags=["predict"], dependencies=[ApiKey], responses=ERROR_RESPONSES)
     # One budget per client across every prediction route.
-    limit = limiter.shared_limit(settings.rate_limit_predict, scope="predict")
+    limit = shared_limit(limiter, settings, settings.rate_limit_predict, "predict")
 
     for name, manifest in manifests.items():
         single_body, batch_body = request_models(manifest, settings.max_abs_value, settings.max_batch_size)

@@ -12,7 +12,6 @@ from typing import Any, Literal
 
 import numpy as np
 from fastapi import APIRouter, BackgroundTasks, Request
-from app.responses import FastJSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from slowapi import Limiter
 
@@ -22,7 +21,9 @@ from app.errors import APIError
 from app.inference import score, shadow_score
 from app.packaging import LoadedModel
 from app.registry import ModelRegistry, ServedModel, UnknownModel
+from app.responses import FastJSONResponse
 from app.routes.health import readiness
+from app.security import shared_limit
 from app.settings import Settings
 
 Datatype = Literal["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64"]
@@ -170,8 +171,8 @@ def _renamed(func: Any, name: str) -> Any:
 
 def build_router(settings: Settings, limiter: Limiter) -> APIRouter:
     router = APIRouter(prefix="/v2", tags=["open inference protocol v2"])
-    predict_limit = limiter.shared_limit(settings.rate_limit_predict, scope="predict")
-    api_limit = limiter.shared_limit(settings.rate_limit_default, scope="api")
+    predict_limit = shared_limit(limiter, settings, settings.rate_limit_predict, "predict")
+    api_limit = shared_limit(limiter, settings, settings.rate_limit_default, "api")
 
     def lookup(registry: ModelRegistry, name: str, version: str | None) -> tuple[ServedModel, LoadedModel]:
         try:
