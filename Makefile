@@ -7,7 +7,7 @@ export MLAPI_MODELS_DIR ?= $(MODELS)
 export MLAPI_DEFAULT_MODEL ?= iris
 
 .DEFAULT_GOAL := help
-.PHONY: help setup venv models serve test test-fast config-reference
+.PHONY: help setup venv models serve test test-fast config-reference demo down bench bench-quick
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -34,6 +34,25 @@ test: venv ## run the whole test suite: unit, integration and end-to-end
 
 test-fast: venv ## unit and integration tests only (no sandbox hosts)
 	$(BIN)/pytest -m "not e2e"
+
+PLAYBOOK := ANSIBLE_CONFIG=deploy/ansible/ansible.cfg $(BIN)/ansible-playbook \
+	-i deploy/ansible/inventories/sandbox -i .sandbox/inventory/hosts.yml
+
+demo: setup models ## as root: a sandbox host provisioned by site.yml, serving HTTPS with a local ACME CA
+	scripts/sandbox/sandbox up --hosts 1
+	$(PLAYBOOK) deploy/ansible/site.yml
+	@scripts/sandbox/demo-info
+
+down: ## remove the sandbox hosts completely (the cached root filesystem stays)
+	scripts/sandbox/sandbox down
+
+bench: venv ## the full benchmark (about 15 minutes on 2 cores): bench/results/latest.{json,md} and plots
+	@command -v wrk >/dev/null && command -v nginx >/dev/null || scripts/setup-host.sh
+	$(BIN)/python bench/run.py
+
+bench-quick: venv ## every benchmark figure, short and small (what CI runs as a smoke test)
+	@command -v wrk >/dev/null && command -v nginx >/dev/null || scripts/setup-host.sh
+	$(BIN)/python bench/run.py --quick
 
 config-reference: venv ## print every MLAPI_* setting as a Markdown table
 	@$(BIN)/python -m app.settings --markdown

@@ -23,6 +23,11 @@ if [ "${#missing[@]}" -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}"
+  # The kit runs its own NGINX processes (tests, benchmarks); the distribution's default
+  # site would hold port 80 on every address, which the sandbox relay needs on loopback.
+  if [[ " ${missing[*]} " == *" nginx-light "* ]] && [ -d /run/systemd/system ]; then
+    systemctl disable --now nginx || true
+  fi
 fi
 
 make venv
