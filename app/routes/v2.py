@@ -122,6 +122,8 @@ def to_matrix(body: InferenceRequest, model: LoadedModel, max_abs: float, max_ro
             if len(lengths) != 1:
                 raise _bad(f"every feature tensor must hold the same number of rows; got sizes {sorted(lengths)}")
             X = np.column_stack(columns)
+    except OverflowError:  # an integer literal beyond float64 (JSON allows any length)
+        raise _bad("input data must lie within the range of a 64-bit float") from None
     except (TypeError, ValueError) as exc:
         raise _bad(f"input data must be numbers: {exc}") from None
     if X.shape[0] == 0:
