@@ -94,10 +94,25 @@ def _bad(message: str) -> APIError:
     return APIError(400, message)
 
 
+def _only_numbers(data: list[Any]) -> bool:
+    """JSON numbers only, at any nesting: numpy would read "5.1" and true as 5.1 and 1.0."""
+    pending = [data]
+    while pending:
+        for value in pending.pop():
+            if isinstance(value, list):
+                pending.append(value)
+            elif type(value) not in (int, float):
+                return False
+    return True
+
+
 def to_matrix(body: InferenceRequest, model: LoadedModel, max_abs: float, max_rows: int) -> np.ndarray:
     names = model.feature_names
     k = len(names)
     tensors = body.inputs
+    for t in tensors:
+        if not _only_numbers(t.data):
+            raise _bad(f"input {t.name!r}: data must be numbers (JSON numbers, not strings, booleans or null)")
     try:
         if len(tensors) == 1 and tensors[0].name not in names:
             t = tensors[0]
