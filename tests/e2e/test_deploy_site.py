@@ -11,7 +11,7 @@ import time
 
 import httpx
 import pytest
-from deploy import app_host, https, provision, require_provisioned
+from deploy import app_host, https, provision, require_provisioned, run_playbook
 from load import IRIS
 
 pytestmark = pytest.mark.e2e
@@ -30,6 +30,12 @@ def test_site_playbook_succeeds_and_second_run_changes_nothing(sandbox):
     assert second.changed == 0, (
         f"the second site.yml run changed {second.changed} task(s): {second.changed_tasks()}; "
         f"make them idempotent (log: {second.log})")
+
+
+def test_check_mode_with_diff_on_the_provisioned_host_changes_nothing(sandbox, host):
+    run = run_playbook(sandbox, "site.yml", options=("--check", "--diff"), label="site-check")
+    assert run.returncode == 0, f"site.yml --check --diff failed (log: {run.log}):\n{run.tail()}"
+    assert run.changed == 0, f"check mode reports changes on a converged host: {run.changed_tasks()} (log: {run.log})"
 
 
 def test_https_predict_answers(sandbox, host):
