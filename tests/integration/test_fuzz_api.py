@@ -9,9 +9,7 @@ that they cannot answer instead of the code under test.
 
 from __future__ import annotations
 
-import http.client
 import json
-import socket
 from collections import Counter
 
 import pytest
@@ -19,7 +17,7 @@ import requests
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable
-from nginx_helpers import ERROR_FIELDS, SERVER_NAME, Response
+from nginx_helpers import ERROR_FIELDS, SERVER_NAME, Response, wait_until
 from requests.adapters import HTTPAdapter
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
@@ -98,13 +96,6 @@ def schema(session, base_url):
     return schemathesis.openapi.from_dict(response.json(), config=FUZZ_CONFIG)
 
 
-def _operations(schema):
-    operations = []
-    for result in schema.get_all_operations():
-        operations.append(result.ok())
-    return operations
-
-
 def _fuzz(operation, mode: GenerationMode, session, base_url: str, certificate: str) -> tuple[int, str | None]:
     """Requests sent for one operation in one generation mode, and the first failure (shrunk)."""
     sent = 0
@@ -132,7 +123,7 @@ def _fuzz(operation, mode: GenerationMode, session, base_url: str, certificate: 
 def test_generated_requests_through_nginx_conform_to_the_schema(edge, schema, session, base_url):
     sent: Counter[str] = Counter()
     failures: dict[str, str] = {}
-    for operation in _operations(schema):
+    for operation in (result.ok() for result in schema.get_all_operations()):
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
             label = f"{operation.label} [{mode.value}]"
             sent[label], failure = _fuzz(operation, mode, session, base_url, str(edge.certificate))
@@ -145,6 +136,8 @@ def test_generated_requests_through_nginx_conform_to_the_schema(edge, schema, se
         f"== {label}\n{message}" for label, message in failures.items()
     )
     assert total >= MIN_GENERATED_REQUESTS, f"only {total} generated requests; raise MAX_EXAMPLES\n{report}"
+    # They went through NGINX: each has its line in the edge's access log.
+    assert len(edge.log_lines()) >= total
 
 
 # Hostile bodies, by hand ------------------------------------------------------------------
@@ -160,7 +153,8 @@ def _predict_body(value: str) -> bytes:
 
 def _infer_body(value: str) -> bytes:
     """A /v2 infer body whose first value is the raw JSON text `value`."""
-    return f'{{"inputs": [{{"name": "input-0", "shape": [1, 4], "datatype": "FP64", "data": [{value}, 1.0, 1.0, 1.0]}}]}}'.encode()
+    tensor = f'{{"name": "input-0", "shape": [1, 4], "datatype": "FP64", "data": [{value}, 1.0, 1.0, 1.0]}}'
+    return f'{{"inputs": [{tensor}]}}'.encode()
 
 
 # Values that are valid JSON text (for Python's parser at least) but not a feature value.
@@ -193,8 +187,10 @@ V1_PATH, V2_PATH = "/v1/predict", "/v2/models/iris/infer"
 ERROR_STATUSES = {400, 413, 415, 422}
 
 
-def _send(edge, path: str, body: bytes, content_type: str | None) -> Response:
+def _send(edge, path: str, body: bytes, content_type: str | None, request_id: str | None = None) -> Response:
     headers = {"Content-Type": content_type} if content_type else {}
+    if request_id:
+        headers["X-Request-ID"] = request_id
     return edge.https("POST", path, body, headers)
 
 
@@ -233,20 +229,30 @@ def test_hostile_value_gets_a_4xx_in_the_error_shape_on_v2(edge, case):
 @pytest.mark.parametrize("case", HOSTILE_BODIES)
 def test_hostile_body_gets_a_4xx_in_the_error_shape_on_v1(edge, case):
     body, content_type = HOSTILE_BODIES[case]
-    _assert_v1_error(_send(edge, V1_PATH, _predict_body("5.1") if body is None else body, content_type), ERROR_STATUSES)
+    body = _predict_body("5.1") if body is None else body
+    _assert_v1_error(_send(edge, V1_PATH, body, content_type), ERROR_STATUSES)
 
 
 @pytest.mark.parametrize("case", HOSTILE_BODIES)
 def test_hostile_body_gets_a_4xx_in_the_error_shape_on_v2(edge, case):
     body, content_type = HOSTILE_BODIES[case]
-    _assert_v2_error(_send(edge, V2_PATH, _infer_body("5.1") if body is None else body, content_type), ERROR_STATUSES)
+    body = _infer_body("5.1") if body is None else body
+    _assert_v2_error(_send(edge, V2_PATH, body, content_type), ERROR_STATUSES)
 
 
 def test_body_over_the_size_limit_gets_413_from_the_edge(edge):
     body = b'{"instances": [' + b"[1.0, 1.0, 1.0, 1.0], " * (MAX_BODY_BYTES // 22) + b"[1.0, 1.0, 1.0, 1.0]]}"
     assert len(body) > MAX_BODY_BYTES
-    error = _assert_v1_error(_send(edge, "/v1/predict/batch", body, "application/json"), {413})
-    assert error["code"] == "payload_too_large"
+    response = _send(edge, "/v1/predict/batch", body, "application/json", request_id="over-size-1")
+    assert _assert_v1_error(response, {413})["code"] == "payload_too_large"
+    entries: list[dict] = []
+
+    def logged() -> bool:
+        entries[:] = [e for e in map(json.loads, edge.log_lines()) if e["request_id"] == "over-size-1"]
+        return bool(entries)
+
+    wait_until(logged, "the edge's access log line of the oversized request")
+    assert entries[0]["upstream_addr"] in ("", "-"), "NGINX must refuse it itself, without asking the service"
 
 
 def test_batch_over_the_instance_limit_gets_413(edge):
