@@ -1,5 +1,6 @@
 # One name for every command. `make help` lists them.
-PYTHON ?= python3.11
+# The kit is tested with Python 3.11; where no python3.11 is installed (Ubuntu 24.04), the system python3 is used.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 MODELS ?= models

@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 packages=(
-  python3-venv curl jq openssl socat     # venv and the commands the README uses
+  make python3-venv curl jq openssl socat  # venv and the commands the README uses
   redis-server nginx-light               # real rate-limit store and edge proxy for integration tests
   systemd-container debootstrap          # sandbox hosts: systemd-nspawn over a debootstrapped Debian 12
   pebble tinyproxy iproute2 openssh-client  # local ACME CA, sandbox egress, namespaces
