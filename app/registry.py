@@ -129,10 +129,10 @@ class ModelRegistry:
             for version, model in served.versions.items():
                 MODEL_INFO.labels(served.name, version, model.engine.name).set(1)
         for name, old in previous.items():
+            still_served = new[name].versions if name in new else {}
             for version, model in old.versions.items():
-                if name not in new or new[name].versions.get(version) is not model:
-                    if name not in new or version not in new[name].versions:
-                        MODEL_INFO.labels(name, version, model.engine.name).set(0)
+                if version not in still_served:
+                    MODEL_INFO.labels(name, version, model.engine.name).set(0)
         log.info(
             "models loaded",
             extra={
