@@ -1,0 +1,139 @@
+"""The roles' defaults derive who talks to whom from the inventory's groups (deploy/ansible/filter_plugins):
+one host keeps everything on loopback; a load balancer plus app hosts get private addresses, a shared
+Redis with a password, and firewall rules that open each port to exactly the hosts that need it.
+
+The second half renders the real role defaults with ansible-playbook against local inventories, so the
+Jinja in defaults/main.yml is checked as Ansible evaluates it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+ANSIBLE_DIR = ROOT / "deploy" / "ansible"
+BIN = Path(sys.executable).parent
+sys.path.insert(0, str(ANSIBLE_DIR / "filter_plugins"))
+
+from ansible.errors import AnsibleFilterError  # noqa: E402
+from mlapi_topology import firewall_rules, redis_address, service_address, upstream_servers  # noqa: E402
+
+SINGLE = {"lb": ["one"], "app": ["one"], "redis": ["one"]}
+CLUSTER = {"lb": ["lb1"], "app": ["app1", "app2"], "redis": ["lb1"]}
+CLUSTER_VARS = {"lb1": {"private_ip": "10.0.1.10"}, "app1": {"private_ip": "10.0.1.21"},
+                "app2": {"private_ip": "10.0.1.22", "app_instances": 3}}
+
+
+def test_a_single_host_keeps_everything_on_loopback():
+    hostvars = {"one": {"private_ip": "10.0.1.5"}}
+    assert upstream_servers(["one"], SINGLE, hostvars) == ["127.0.0.1:8001", "127.0.0.1:8002"]
+    assert service_address("one", SINGLE, hostvars) == "127.0.0.1"
+    assert redis_address("one", SINGLE, hostvars) == "127.0.0.1"
+    assert firewall_rules("one", SINGLE, hostvars) == []
+
+
+def test_a_cluster_reaches_each_app_hosts_instances_at_its_private_address():
+    assert upstream_servers(["app1", "app2"], CLUSTER, CLUSTER_VARS) == [
+        "10.0.1.21:8001", "10.0.1.21:8002", "10.0.1.22:8001", "10.0.1.22:8002", "10.0.1.22:8003"]
+    assert service_address("app1", CLUSTER, CLUSTER_VARS) == "10.0.1.21"
+    assert redis_address("app1", CLUSTER, CLUSTER_VARS) == "10.0.1.10"
+    assert redis_address("lb1", CLUSTER, CLUSTER_VARS) == "127.0.0.1"
+
+
+def test_a_cluster_opens_the_service_ports_to_the_lb_and_redis_to_the_app_hosts_only():
+    assert firewall_rules("app2", CLUSTER, CLUSTER_VARS) == [
+        {"port": port, "proto": "tcp", "from": "10.0.1.10"} for port in (8001, 8002, 8003)]
+    assert firewall_rules("lb1", CLUSTER, CLUSTER_VARS) == [
+        {"port": 6379, "proto": "tcp", "from": "10.0.1.21"}, {"port": 6379, "proto": "tcp", "from": "10.0.1.22"}]
+
+
+def test_an_lb_that_also_serves_keeps_its_own_instances_on_loopback():
+    groups = {"lb": ["lb1"], "app": ["lb1", "app1"], "redis": ["lb1"]}
+    assert upstream_servers(["lb1", "app1"], groups, CLUSTER_VARS) == [
+        "127.0.0.1:8001", "127.0.0.1:8002", "10.0.1.21:8001", "10.0.1.21:8002"]
+
+
+def test_the_private_address_falls_back_to_the_facts_and_else_names_the_variable():
+    groups = {"lb": ["lb1"], "app": ["app1"]}
+    assert service_address("app1", groups, {"app1": {"ansible_default_ipv4": {"address": "172.31.5.9"}}}) == "172.31.5.9"
+    with pytest.raises(AnsibleFilterError, match="app1.*private_ip"):
+        service_address("app1", groups, {"app1": {}})
+
+
+def test_an_empty_app_group_is_an_error_that_says_what_to_do():
+    with pytest.raises(AnsibleFilterError, match="group app"):
+        upstream_servers([], {"lb": ["lb1"], "app": []}, CLUSTER_VARS)
+
+
+# --- the role defaults as Ansible renders them ----------------------------------------------------------
+
+RENDER_PLAYBOOK = """
+- hosts: all
+  gather_facts: false
+  connection: local
+  vars_files:
+    - {ansible}/roles/base/defaults/main.yml
+    - {ansible}/roles/redis/defaults/main.yml
+    - {ansible}/roles/app/defaults/main.yml
+    - {ansible}/roles/nginx/defaults/main.yml
+  tasks:
+    - name: Write the derived settings of each host
+      ansible.builtin.copy:
+        dest: "{out}/{{{{ inventory_hostname }}}}.json"
+        content: "{{{{ dict(keys | zip(query('vars', *keys))) | to_json }}}}"
+        mode: "0644"
+      vars:
+        keys: [base_firewall_allowed_tcp_ports, base_firewall_deployment_rules, redis_bind, app_bind_address,
+               app_rate_limit_storage_uri, app_trusted_proxies, app_ip_address_allow, nginx_upstream_servers]
+"""
+
+
+def render(tmp_path: Path, inventory: dict) -> dict[str, dict]:
+    (tmp_path / "inventory.json").write_text(json.dumps(inventory))
+    playbook = tmp_path / "render.yml"
+    playbook.write_text(RENDER_PLAYBOOK.format(ansible=ANSIBLE_DIR, out=tmp_path))
+    env = {**os.environ, "ANSIBLE_CONFIG": str(ANSIBLE_DIR / "ansible.cfg"), "ANSIBLE_NOCOLOR": "1",
+           "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
+    # The defaults are loaded as vars_files, which outrank the inventory: the password goes in as an extra var.
+    result = subprocess.run([str(BIN / "ansible-playbook"), "-i", str(tmp_path / "inventory.json"),
+                             "-e", "redis_password=s3cret", str(playbook)],
+                            env=env, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return {path.stem: json.loads(path.read_text()) for path in tmp_path.glob("*.json") if path.stem != "inventory"}
+
+
+def inventory(groups: dict[str, list[str]], hostvars: dict[str, dict]) -> dict:
+    return {"all": {"vars": {"ansible_python_interpreter": sys.executable}},
+            **{group: {"hosts": {h: hostvars.get(h, {}) for h in hosts}} for group, hosts in groups.items()}}
+
+
+def test_the_role_defaults_of_a_single_host(tmp_path):
+    hosts = render(tmp_path, inventory(SINGLE, {"one": {"private_ip": "10.0.1.5"}}))
+    assert hosts["one"] == {
+        "base_firewall_allowed_tcp_ports": [22, 80, 443], "base_firewall_deployment_rules": [],
+        "redis_bind": ["127.0.0.1"], "app_bind_address": "127.0.0.1",
+        "app_rate_limit_storage_uri": "redis://:s3cret@127.0.0.1:6379/0",
+        "app_trusted_proxies": ["127.0.0.1", "::1"], "app_ip_address_allow": [],
+        "nginx_upstream_servers": ["127.0.0.1:8001", "127.0.0.1:8002"],
+    }
+
+
+def test_the_role_defaults_of_a_load_balancer_and_two_app_hosts(tmp_path):
+    hosts = render(tmp_path, inventory(CLUSTER, CLUSTER_VARS))
+    lb, app = hosts["lb1"], hosts["app1"]
+    assert lb["base_firewall_allowed_tcp_ports"] == [22, 80, 443]
+    assert lb["redis_bind"] == ["127.0.0.1", "10.0.1.10"]
+    assert lb["nginx_upstream_servers"] == ["10.0.1.21:8001", "10.0.1.21:8002",
+                                            "10.0.1.22:8001", "10.0.1.22:8002", "10.0.1.22:8003"]
+    assert app["base_firewall_allowed_tcp_ports"] == [22]
+    assert app["base_firewall_deployment_rules"] == [{"port": 8001, "proto": "tcp", "from": "10.0.1.10"},
+                                                     {"port": 8002, "proto": "tcp", "from": "10.0.1.10"}]
+    assert app["app_bind_address"] == "10.0.1.21"
+    assert app["app_rate_limit_storage_uri"] == "redis://:s3cret@10.0.1.10:6379/0"
+    assert app["app_trusted_proxies"] == ["127.0.0.1", "::1", "10.0.1.10"]
+    assert app["app_ip_address_allow"] == ["10.0.1.21", "10.0.1.10"]
