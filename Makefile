@@ -8,7 +8,7 @@ export MLAPI_MODELS_DIR ?= $(MODELS)
 export MLAPI_DEFAULT_MODEL ?= iris
 
 .DEFAULT_GOAL := help
-.PHONY: help setup venv models serve test test-fast config-reference demo down bench bench-quick
+.PHONY: help setup venv models serve test test-fast config-reference demo demo-cluster down bench bench-quick
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -41,6 +41,11 @@ PLAYBOOK := ANSIBLE_CONFIG=deploy/ansible/ansible.cfg $(BIN)/ansible-playbook \
 
 demo: setup models ## as root: a sandbox host provisioned by site.yml, serving HTTPS with a local ACME CA
 	scripts/sandbox/sandbox up --hosts 1
+	$(PLAYBOOK) deploy/ansible/site.yml
+	@scripts/sandbox/demo-info
+
+demo-cluster: setup models ## as root: a load balancer (lb, redis) and two app hosts, provisioned by site.yml
+	scripts/sandbox/sandbox up --hosts 3
 	$(PLAYBOOK) deploy/ansible/site.yml
 	@scripts/sandbox/demo-info
 
