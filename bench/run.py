@@ -560,23 +560,27 @@ def figure_provisioning() -> dict:
 
 
 def profile_kit(stack: Stack, profile: Profile, workdir: Path) -> dict:
-    """Where a kit worker spends its time under single-row RandomForest load.
+    """Where a kit worker spends its time under single-row RandomForest load."""
+    return profile_workers(stack.endpoint("kit-direct", "rf").url, stack.kit_worker_pids(), profile.profile_seconds,
+                           workdir)
+
+
+def profile_workers(url: str, worker_pids: list[int], duration: float, workdir: Path) -> dict:
+    """py-spy on every worker while wrk sends single rows to url (16 connections).
 
     py-spy samples only the thread holding the GIL: on a shared machine a descheduled thread would
     otherwise be sampled wherever it stopped, usually in a system call.
     """
-    endpoint = stack.endpoint("kit-direct", "rf")
     body_file = workdir / "profile-body.json"
     body_file.write_bytes(single_body())
-    duration = profile.profile_seconds
     load = subprocess.Popen(
-        ["wrk", "-t2", "-c16", f"-d{duration + 2}s", "-s", str(WRK_SCRIPT), endpoint.url],
+        ["wrk", "-t2", "-c16", f"-d{duration + 2}s", "-s", str(WRK_SCRIPT), url],
         env={**os.environ, "BENCH_BODY_FILE": str(body_file)}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     spies = []
     try:
         time.sleep(1)
-        for pid in stack.kit_worker_pids():
+        for pid in worker_pids:
             out = workdir / f"py-spy-{pid}.txt"
             spies.append((out, subprocess.Popen(
                 [str(VENV_BIN / "py-spy"), "record", "--pid", str(pid), "--duration", str(int(duration)),
