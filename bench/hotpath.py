@@ -116,8 +116,8 @@ def over_http(args: argparse.Namespace) -> dict:
                     runs.setdefault(name, []).append(result)
                     run.log(f"r{round_index + 1} {name:8s} {result['rps']:8.0f} req/s "
                             f"CPU {result['cpu_ms_per_request']:.3f} ms/request")
-            profile = (run.profile_workers(kit.url + SINGLE_PATH[args.model[0]], run.children(kit.pid),
-                                           args.profile, workdir) if args.profile else None)
+            profile = (run.profile_workers(kit.url + SINGLE_PATH[args.model[0]], kit.pid, args.profile, workdir)
+                       if args.profile else None)
         finally:
             kit.stop()
             ceiling.stop()

@@ -243,9 +243,6 @@ class Stack:
         assert self.edge is not None and self.edge.process is not None
         return [self.kit.pid, self.edge.process.popen.pid]
 
-    def kit_worker_pids(self) -> list[int]:
-        return children(self.kit.pid)
-
     def stop(self) -> None:
         if self.edge is not None:
             self.edge.stop()
@@ -561,54 +558,51 @@ def figure_provisioning() -> dict:
 
 def profile_kit(stack: Stack, profile: Profile, workdir: Path) -> dict:
     """Where a kit worker spends its time under single-row RandomForest load."""
-    return profile_workers(stack.endpoint("kit-direct", "rf").url, stack.kit_worker_pids(), profile.profile_seconds,
-                           workdir)
+    return profile_workers(stack.endpoint("kit-direct", "rf").url, stack.kit.pid, profile.profile_seconds, workdir)
 
 
-def profile_workers(url: str, worker_pids: list[int], duration: float, workdir: Path) -> dict:
-    """py-spy on every worker while wrk sends single rows to url (16 connections).
+def profile_workers(url: str, master_pid: int, duration: float, workdir: Path) -> dict:
+    """py-spy on a gunicorn master's workers while wrk sends single rows to url (16 connections).
 
-    py-spy samples only the thread holding the GIL: on a shared machine a descheduled thread would
-    otherwise be sampled wherever it stopped, usually in a system call.
+    py-spy follows the master's children (--subprocesses): a worker recycled after max_requests
+    during the profile is replaced by one it then samples too. It samples only the thread holding
+    the GIL: on a shared machine a descheduled thread would otherwise be sampled wherever it
+    stopped, usually in a system call.
     """
     body_file = workdir / "profile-body.json"
     body_file.write_bytes(single_body())
+    out = workdir / "py-spy.txt"
     load = subprocess.Popen(
-        ["wrk", "-t2", "-c16", f"-d{duration + 2}s", "-s", str(WRK_SCRIPT), url],
+        ["wrk", "-t2", "-c16", f"-d{int(duration) + 2}s", "-s", str(WRK_SCRIPT), url],
         env={**os.environ, "BENCH_BODY_FILE": str(body_file)}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
-    spies = []
     try:
         time.sleep(1)
-        for pid in worker_pids:
-            out = workdir / f"py-spy-{pid}.txt"
-            spies.append((out, subprocess.Popen(
-                [str(VENV_BIN / "py-spy"), "record", "--pid", str(pid), "--duration", str(int(duration)),
-                 "--rate", "250", "--format", "raw", "--output", str(out), "--nonblocking", "--gil"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)))
-        for _, spy in spies:
-            spy.wait(timeout=duration + 60)
+        subprocess.run(
+            [str(VENV_BIN / "py-spy"), "record", "--pid", str(master_pid), "--subprocesses", "--duration",
+             str(int(duration)), "--rate", "250", "--format", "raw", "--output", str(out), "--nonblocking", "--gil"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=duration + 60)
     finally:
         load.wait(timeout=duration + 60)
     self_samples: dict[str, int] = defaultdict(int)
     inclusive: dict[str, int] = defaultdict(int)
     total = 0
-    for out, _ in spies:
-        if not out.exists():
+    for line in out.read_text().splitlines() if out.exists() else []:
+        stack_text, _, count_text = line.rpartition(" ")
+        if not count_text.isdigit():
             continue
-        for line in out.read_text().splitlines():
-            stack_text, _, count_text = line.rpartition(" ")
-            if not count_text.isdigit():
-                continue
-            count = int(count_text)
-            frames = [f for f in stack_text.split(";") if f]
-            if frames and _frame(frames[-1]) in IDLE_FRAMES:
-                continue
-            total += count
-            if frames:
-                self_samples[_frame(frames[-1])] += count
-            for name in {_frame(f) for f in frames}:
-                inclusive[name] += count
+        count = int(count_text)
+        frames = [f for f in stack_text.split(";") if f]
+        # Each stack starts with its process chain: "process <master>", then "process <worker>" for a worker.
+        processes = [f for f in frames if f.startswith("process ")]
+        frames = [f for f in frames if not f.startswith("process ")]
+        if len(processes) < 2 or not frames or _frame(frames[-1]) in IDLE_FRAMES:
+            continue
+        total += count
+        self_samples[_frame(frames[-1])] += count
+        for name in {_frame(f) for f in frames}:
+            inclusive[name] += count
+
     def top(table: dict[str, int], n: int) -> list[dict]:
         return [{"frame": k, "share": round(v / total, 4)} for k, v in
                 sorted(table.items(), key=lambda kv: -kv[1])[:n]] if total else []
@@ -619,7 +613,8 @@ def profile_workers(url: str, worker_pids: list[int], duration: float, workdir: 
 # The service's own modules, and the library frames on its request path worth naming in the report.
 PROFILE_FILES = ("(app/",)
 PROFILE_FRAMES = {"solve_dependencies", "run_sync_in_worker_thread", "notify", "emit", "sync_wrapper",
-                  "serialize_response", "send", "uuid4", "request_body_to_args", "observe", "inc"}
+                  "serialize_response", "send", "uuid4", "request_body_to_args", "observe", "inc", "_match",
+                  "model_validate_json", "format"}
 
 # Threadpool threads waiting for work: asleep, though py-spy samples them as Python frames.
 IDLE_FRAMES = {"Condition.wait (threading.py)"}
