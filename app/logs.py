@@ -11,7 +11,7 @@ import logging.config
 from contextvars import ContextVar
 from typing import Any
 
-from pythonjsonlogger.json import JsonFormatter
+from pythonjsonlogger.orjson import OrjsonFormatter
 
 request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
 
@@ -29,8 +29,12 @@ class RequestIdFilter(logging.Filter):
         return True
 
 
-class ServiceJsonFormatter(JsonFormatter):
-    """ISO timestamps, the level name, and tracebacks in an ``exc_info`` field."""
+class ServiceJsonFormatter(OrjsonFormatter):
+    """ISO timestamps, the level name, and tracebacks in an ``exc_info`` field.
+
+    Serialized by orjson: one access line per request makes this formatter part of the hot
+    path, and orjson encodes it (timestamp included) several times faster than the json module.
+    """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("timestamp", "timestamp")
