@@ -8,6 +8,7 @@ process writes its samples to files there and ``/metrics`` merges them.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -67,6 +68,20 @@ SHADOW_AGREEMENT = Counter(
     "Shadow-scored instances by whether the shadow version agreed with the primary.",
     ["model", "primary", "shadow", "agree"],
 )
+
+
+_children: dict[tuple[Any, tuple[str, ...]], Any] = {}
+
+
+def labelled(metric: Any, *labels: str) -> Any:
+    """``metric.labels(*labels)``, remembered: prometheus_client takes a lock and checks every label value on
+    each lookup, which the request path would pay several times per request. There are as many entries as
+    exported series."""
+    key = (metric, labels)
+    child = _children.get(key)
+    if child is None:
+        child = _children[key] = metric.labels(*labels)
+    return child
 
 
 def render() -> tuple[bytes, str]:

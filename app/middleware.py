@@ -16,7 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.errors import error_body
 from app.logs import ACCESS_LOGGER, get_logger, request_id_var
-from app.metrics import LATENCY, REQUESTS
+from app.metrics import LATENCY, REQUESTS, labelled
 
 import logging
 
@@ -143,8 +143,8 @@ class RequestContextMiddleware:
         model = state.get("model", "")
         version = state.get("version", "")
         labels = (route_path, method, str(status), model, version)
-        REQUESTS.labels(*labels).inc()
-        LATENCY.labels(*labels).observe(duration)
+        labelled(REQUESTS, *labels).inc()
+        labelled(LATENCY, *labels).observe(duration)
         if self.access_log_enabled:
             client = scope.get("client")
             access_log.info(
