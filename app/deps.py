@@ -27,6 +27,10 @@ async def api_key(request: Request) -> None:
     check_api_key(request, request.app.state.settings)
 
 
+# Header limits, shared with the prediction routes' shortcut (app/routes/predict.py).
+USER_ID_MAX_LENGTH = 256
+MODEL_VERSION_MAX_LENGTH = 64
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
 ApiKey = Depends(api_key)
@@ -34,11 +38,11 @@ UserId = Annotated[
     str | None,
     Header(
         alias="X-User-ID",
-        max_length=256,
+        max_length=USER_ID_MAX_LENGTH,
         description="Stable user id: requests with the same id go to the same model version.",
     ),
 ]
 VersionOverride = Annotated[
     str | None,
-    Header(alias="X-Model-Version", max_length=64, description="Serve this model version, bypassing the weights."),
+    Header(alias="X-Model-Version", max_length=MODEL_VERSION_MAX_LENGTH, description="Serve this model version, bypassing the weights."),
 ]

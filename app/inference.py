@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import statistics
+import time
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from app.logs import get_logger
-from app.metrics import DRIFT, PREDICTIONS, SHADOW_AGREEMENT
+from app.metrics import DRIFT, PREDICTIONS, SHADOW_AGREEMENT, labelled
 from app.packaging import LoadedModel
 from app.registry import ModelRegistry, ServedModel
 
@@ -16,6 +19,40 @@ log = get_logger("inference")
 
 # Drift gauges are refreshed every this many observed rows, not on every request.
 DRIFT_REFRESH_ROWS = 200
+
+# A single row may be scored on the event loop when the model's measured CPU cost for one row
+# is below this: handing it to the threadpool and back costs more than that (two thread switches
+# and the GIL changing hands), and a millisecond is short enough not to hold up other requests.
+INLINE_MAX_SECONDS = 0.001
+# Single-row calls timed per engine before the decision; the median of them decides.
+COST_SAMPLES = 16
+
+_row_costs: weakref.WeakKeyDictionary[Any, list[float]] = weakref.WeakKeyDictionary()
+_inline: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
+
+
+def scores_inline(served: ServedModel) -> bool:
+    """Whether a single row for this model is cheap enough to score on the event loop: true once every
+    version it may route to has been measured (in the threadpool) below INLINE_MAX_SECONDS."""
+    return all(_inline.get(model.engine, False) for model in served.versions.values())
+
+
+def _score_and_measure(model: LoadedModel, X: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """The first single-row calls of an engine are timed in CPU time of the calling thread, so time spent
+    waiting for the GIL or a core on a busy machine does not count as the model's cost."""
+    engine = model.engine
+    if len(X) != 1 or engine in _inline:
+        return model.score(X)
+    start = time.thread_time()
+    result = model.score(X)
+    costs = _row_costs.setdefault(engine, [])
+    costs.append(time.thread_time() - start)
+    if len(costs) >= COST_SAMPLES and engine not in _inline:
+        _inline[engine] = statistics.median(costs) <= INLINE_MAX_SECONDS
+        log.info("measured single-row cost", extra={
+            "model": model.name, "version": model.version, "engine": engine.name,
+            "row_cost_ms": round(statistics.median(costs) * 1000, 3), "inline": _inline[engine]})
+    return result
 
 
 @dataclass
@@ -67,14 +104,16 @@ def score(
         state.model = model.name
         state.version = model.version
         state.engine = model.engine.name
-    labels, probabilities = model.score(X)
+    labels, probabilities = _score_and_measure(model, X)
     count_predictions(model, labels)
     observe_drift(registry, model, X)
     return Scored(model, labels, probabilities)
 
 
 def count_predictions(model: LoadedModel, labels: np.ndarray) -> None:
-    if model.task == "classifier":
+    if model.task == "classifier" and len(labels) == 1:
+        labelled(PREDICTIONS, model.name, model.version, str(labels[0])).inc()
+    elif model.task == "classifier":
         values, counts = np.unique(labels.astype(str), return_counts=True)
         for value, count in zip(values.tolist(), counts.tolist()):
             PREDICTIONS.labels(model.name, model.version, value).inc(count)

@@ -1,24 +1,44 @@
 """POST /v1/predict and friends: one instance or a batch, for the default model or a named one.
 
 Routes are made per model from its manifest, so each body schema names the
-model's real features. Endpoints are plain ``def``: FastAPI runs them in its
-threadpool, so inference never blocks the event loop.
+model's real features. Endpoints are plain ``def``, run in the threadpool so
+inference does not block the event loop, except a single row of a model whose
+measured cost is below a thread hand-off (app/inference.py), scored inline.
+
+These routes are the service's hot path. FastAPI's generic request handling
+(dependency solving, content-type parsing, JSON decoding, then validation)
+costs several times a small model's inference, so a well-formed request takes a
+shortcut (``PredictRoute``): the body is validated straight from JSON bytes and
+the same endpoint is called with the same arguments. Anything else, every error
+included, goes through FastAPI unchanged, so errors keep one code path.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the per-model body
 # types from these closures' annotations at route creation.
 
 import inspect
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, BackgroundTasks, Request
-from pydantic import BaseModel
+from fastapi.routing import APIRoute
+from pydantic import BaseModel, ValidationError
 from slowapi import Limiter
+from starlette.concurrency import run_in_threadpool
+from starlette.types import Message, Receive, Scope, Send
 
-from app.deps import ApiKey, RegistryDep, UserId, VersionOverride
+from app.deps import (
+    MODEL_VERSION_MAX_LENGTH,
+    USER_ID_MAX_LENGTH,
+    ApiKey,
+    RegistryDep,
+    UserId,
+    VersionOverride,
+    api_key,
+)
 from app.errors import APIError
-from app.inference import Scored, score, shadow_score
+from app.inference import Scored, score, scores_inline, shadow_score
 from app.packaging import Manifest
 from app.registry import ModelRegistry, UnknownModel
 from app.responses import FastJSONResponse
@@ -50,21 +70,112 @@ def _run(
     return scored
 
 
+@dataclass(frozen=True)
+class Shortcut:
+    """What a prediction route's endpoint needs, solved without FastAPI for a well-formed request."""
+
+    name: str
+    body_type: type[BaseModel]
+    batch: bool
+    versioned: bool
+    limited: bool  # a rate limit is checked in the endpoint: it calls the store, so never on the event loop
+
+
+class PredictRoute(APIRoute):
+    shortcut: Shortcut | None = None
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        shortcut = self.shortcut
+        if shortcut is None or scope["method"] != "POST" or not _json_content(scope):
+            await super().handle(scope, receive, send)
+            return
+        messages: list[Message] = []
+        while True:
+            message = await receive()  # the body size limit is enforced by the middleware's receive
+            messages.append(message)
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                break
+        solved = None
+        if message["type"] == "http.request":
+            solved = await _arguments(scope, shortcut, b"".join(m.get("body", b"") for m in messages))
+        if solved is None:
+            # Not the common case (or not well formed): FastAPI reads the same messages and answers.
+            await super().handle(scope, _replay(messages, receive), send)
+            return
+        arguments, inline = solved
+        endpoint = self.dependant.call
+        assert endpoint is not None
+        response = endpoint(**arguments) if inline else await run_in_threadpool(endpoint, **arguments)
+        background: BackgroundTasks = arguments["background"]
+        if background.tasks and response.background is None:
+            response.background = background
+        await response(scope, receive, send)
+
+
+def _json_content(scope: Scope) -> bool:
+    for key, value in scope["headers"]:
+        if key == b"content-type":
+            return value.split(b";", 1)[0].strip().lower() == b"application/json"
+    return False
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+async def _arguments(scope: Scope, shortcut: Shortcut, body: bytes) -> tuple[dict[str, Any], bool] | None:
+    """The endpoint's arguments as FastAPI would solve them, and whether to call it inline; None where
+    FastAPI would answer an error (or might: anything unusual is left to it)."""
+    request = Request(scope)
+    try:
+        await api_key(request)  # the router's dependency
+        parsed = shortcut.body_type.model_validate_json(body)
+        registry = request.app.state.registry
+        served = registry.get(shortcut.name)
+    except (APIError, ValidationError, UnknownModel):
+        return None
+    user_id = _header(scope, b"x-user-id")
+    model_version = _header(scope, b"x-model-version")
+    if (user_id is not None and len(user_id) > USER_ID_MAX_LENGTH) or (
+        model_version is not None and len(model_version) > MODEL_VERSION_MAX_LENGTH
+    ):
+        return None
+    arguments = {"request": request, "body": parsed, "background": BackgroundTasks(), "registry": registry,
+                 "user_id": user_id, "model_version": model_version}
+    if shortcut.versioned:
+        arguments["version"] = scope["path_params"]["version"]
+    return arguments, not shortcut.batch and not shortcut.limited and scores_inline(served)
+
+
+def _replay(messages: list[Message], receive: Receive) -> Receive:
+    pending = list(messages)
+
+    async def replayed() -> Message:
+        return pending.pop(0) if pending else await receive()
+
+    return replayed
+
+
 def build_router(manifests: dict[str, Manifest], default: str | None, settings: Settings, limiter: Limiter) -> APIRouter:
-    router = APIRouter(prefix="/v1", tags=["predict"], dependencies=[ApiKey], responses=ERROR_RESPONSES)
+    router = APIRouter(prefix="/v1", tags=["predict"], dependencies=[ApiKey], responses=ERROR_RESPONSES,
+                       route_class=PredictRoute)
     # One budget per client across every prediction route.
     limit = shared_limit(limiter, settings, settings.rate_limit_predict, "predict")
 
-    for name, manifest in manifests.items():
+    # The default model's routes first: routes are matched in order, and /v1/predict is the busiest.
+    for name, manifest in sorted(manifests.items(), key=lambda item: item[0] != default):
         single_body, batch_body = request_models(manifest, settings.max_abs_value, settings.max_batch_size)
         names = tuple(f.name for f in manifest.features)
         for batch, body_type in ((False, single_body), (True, batch_body)):
             suffix = "/predict/batch" if batch else "/predict"
             paths = [f"/models/{name}{suffix}"] + ([f"{suffix}"] if name == default else [])
             for path in paths:
-                _add_route(router, path, name, names, body_type, limit, batch=batch, versioned=False)
+                _add_route(router, path, name, names, body_type, limit, settings, batch=batch, versioned=False)
             _add_route(router, f"/models/{name}/versions/{{version}}{suffix}", name, names, body_type, limit,
-                       batch=batch, versioned=True)
+                       settings, batch=batch, versioned=True)
     return router
 
 
@@ -96,6 +207,7 @@ def _add_route(
     names: tuple[str, ...],
     body_type: type,
     limit: Any,
+    settings: Settings,
     *,
     batch: bool,
     versioned: bool,
@@ -127,6 +239,10 @@ def _add_route(
         summary=f"Predict {what} with model {name!r}" + (" at a given version" if versioned else ""),
         operation_id=operation_id,
     )
+    route = router.routes[-1]
+    assert isinstance(route, PredictRoute)
+    # The shortcut supplies exactly the endpoint's parameters and the router's one dependency (api_key).
+    route.shortcut = Shortcut(name, body_type, batch, versioned, limited=settings.rate_limit_enabled)
 
 
 def _bind(endpoint: Any, body_type: type, versioned: bool, operation_id: str) -> None:
