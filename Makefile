@@ -52,11 +52,11 @@ demo-cluster: setup models ## as root: a load balancer (lb, redis) and two app h
 down: ## remove the sandbox hosts completely (the cached root filesystem stays)
 	scripts/sandbox/sandbox down
 
-bench: venv ## the full benchmark (about 15 minutes on 2 cores): bench/results/latest.{json,md} and plots
+bench: venv ## as root: the full benchmark (about 25 minutes on 2 cores, a sandbox host of its own included)
 	@command -v wrk >/dev/null && command -v nginx >/dev/null || scripts/setup-host.sh
 	$(BIN)/python bench/run.py
 
-bench-quick: venv ## every benchmark figure, short and small (what CI runs as a smoke test)
+bench-quick: venv ## every benchmark figure but provisioning, short and small (what CI runs as a smoke test)
 	@command -v wrk >/dev/null && command -v nginx >/dev/null || scripts/setup-host.sh
 	$(BIN)/python bench/run.py --quick
 

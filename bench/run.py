@@ -77,14 +77,15 @@ class Profile:
     forest_mb: int  # size of the pickled forest of the memory figure
     memory_parallel: bool  # start the memory figure's servers all at once
     profile_seconds: float  # 0: no profile
+    provisioning: bool  # figure 5: boot and provision a sandbox host of its own
 
 
 FULL = Profile(rounds=3, duration=6, warmup=True, connections=(16, 64), batch_sizes=(1, 10, 100, 1000),
                batch_connections=4, paced_duration=10, paced_connections=16, workers=2, memory_workers=(1, 2, 4),
-               forest_mb=300, memory_parallel=False, profile_seconds=8)
+               forest_mb=300, memory_parallel=False, profile_seconds=8, provisioning=True)
 QUICK = Profile(rounds=1, duration=1, warmup=False, connections=(16, 64), batch_sizes=(1, 10, 100, 1000),
                 batch_connections=4, paced_duration=2, paced_connections=16, workers=2, memory_workers=(1, 2, 4),
-                forest_mb=5, memory_parallel=True, profile_seconds=0)
+                forest_mb=5, memory_parallel=True, profile_seconds=0, provisioning=False)
 
 
 def log(message: str) -> None:
@@ -544,16 +545,14 @@ def _settle(server: Gunicorn, workers: int, timeout: float = 600) -> float:
     raise TimeoutError(f"{workers} workers did not settle within {timeout}s:\n{server.output()[-2000:]}")
 
 
-def figure_provisioning() -> dict:
-    """Figure 5 needs a fresh sandbox host of its own; it is not taken from a sandbox another run is using."""
-    env_file = ROOT / ".sandbox" / "env"
-    reason = (
-        "needs a fresh sandbox host (scripts/sandbox/sandbox up) provisioned by deploy/ansible/site.yml "
-        "while timed; "
-        + ("a sandbox is already up in this checkout and may be in use, so it is not reprovisioned by the bench"
-           if env_file.exists() else "no sandbox is up in this checkout (.sandbox/env is missing)")
-    )
-    return {"status": "not measured", "reason": reason, "first_run_s": None, "second_run_s": None}
+def figure_provisioning(profile: Profile) -> dict:
+    """Figure 5 (bench/provision.py): a sandbox host of its own, provisioned by site.yml while timed."""
+    from bench import provision
+
+    if not profile.provisioning:
+        return provision.not_measured("not run by --quick (it boots and provisions a sandbox host, minutes); "
+                                      "make bench measures it")
+    return provision.figure(log)
 
 
 def profile_kit(stack: Stack, profile: Profile, workdir: Path) -> dict:
@@ -743,7 +742,10 @@ def markdown(results: dict) -> str:
     prov = results["provisioning"]
     out += ["", "## 5. Provisioning", ""]
     if prov["status"] == "measured":
-        out.append(f"First run {prov['first_run_s']:.0f} s, second (idempotent) run {prov['second_run_s']:.0f} s.")
+        out += ["| fresh host to the first HTTPS prediction | site.yml, first run | site.yml, second run | "
+                "changed in the second run | booting the host (not included) |", "|---|---|---|---|---|",
+                f"| {prov['first_prediction_s']:.0f} s | {prov['first_run_s']:.0f} s | {prov['second_run_s']:.0f} s | "
+                f"{prov['second_run_changed']} | {prov['sandbox_up_s']:.0f} s |"]
     else:
         out.append(f"Not measured: {prov['reason']}.")
     out += ["", "## Targets", "", "| target | measured | wanted | met | measured / wanted |", "|---|---|---|---|---|"]
@@ -908,7 +910,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             stack.stop()
         results["memory"] = figure_memory(profile, workdir)
-    results["provisioning"] = figure_provisioning()
+    results["provisioning"] = figure_provisioning(profile)
     results["ratios"], results["targets"] = ratios_and_targets(results, profile)
     results["meta"]["load_after"] = [round(x, 2) for x in os.getloadavg()]
     results["meta"]["seconds"] = round(time.monotonic() - started, 1)
