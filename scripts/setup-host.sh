@@ -10,6 +10,7 @@ packages=(
   systemd-container debootstrap          # sandbox hosts: systemd-nspawn over a debootstrapped Debian 12
   pebble tinyproxy iproute2 openssh-client  # local ACME CA, sandbox egress, namespaces
   wrk                                    # load generator for benchmarks
+  testssl.sh libengine-gost-openssl     # TLS scanner of the e2e suite (it warns without the GOST engine)
 )
 missing=()
 for p in "${packages[@]}"; do
