@@ -1,0 +1,94 @@
+"""Model packages that the service's gate must refuse, one per check, each made from a copy of a good package.
+
+    path = refused_copy(good_package, models_dir, "sha256")  # models_dir/<name>/refused-sha256
+
+Shared by the tests of the gate itself and by the deploy tests that prove a playbook refuses such a package.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import joblib
+
+MODEL_JOBLIB = "model.joblib"
+MANIFEST = "manifest.json"
+
+
+def read_manifest(package: Path) -> dict:
+    return json.loads((package / MANIFEST).read_text())
+
+
+def write_manifest(package: Path, data: dict) -> None:
+    (package / MANIFEST).write_text(json.dumps(data, indent=2) + "\n")
+
+
+def resign(package: Path) -> None:
+    """Record the files' current hashes, as someone who rewrote the files and the manifest would."""
+    data = read_manifest(package)
+    data["files"] = {name: hashlib.sha256((package / name).read_bytes()).hexdigest() for name in data["files"]}
+    write_manifest(package, data)
+
+
+def truncate_the_model(package: Path) -> None:
+    """A model file cut in half before it was hashed (a disk that filled up while building): it does not load."""
+    raw = (package / MODEL_JOBLIB).read_bytes()
+    (package / MODEL_JOBLIB).write_bytes(raw[: len(raw) // 2])
+    resign(package)
+
+
+def change_the_model_after_hashing(package: Path) -> None:
+    """A model file changed after the manifest recorded its hash (tampering, or a copy that went wrong)."""
+    with open(package / MODEL_JOBLIB, "ab") as fh:
+        fh.write(b"\0")
+
+
+def claim_another_scikit_learn(package: Path) -> None:
+    """A manifest that says the model was built with another scikit-learn than the runtime's."""
+    data = read_manifest(package)
+    data["versions"]["sklearn"] = "1.0.0"
+    write_manifest(package, data)
+
+
+def drop_a_feature(package: Path) -> None:
+    """A manifest that lists one feature fewer than the estimator takes."""
+    data = read_manifest(package)
+    dropped = data["features"].pop()
+    data["reference"].pop(dropped["name"])
+    write_manifest(package, data)
+
+
+def replace_the_model_with_a_dict(package: Path) -> None:
+    """A valid, correctly hashed pickle that holds no model."""
+    joblib.dump({"weights": [1, 2, 3]}, package / MODEL_JOBLIB)
+    resign(package)
+
+
+# The check of app.packaging that refuses each kind, and how to make one.
+REFUSED_KINDS: dict[str, Callable[[Path], None]] = {
+    "unreadable": truncate_the_model,
+    "sha256": change_the_model_after_hashing,
+    "versions": claim_another_scikit_learn,
+    "features": drop_a_feature,
+    "estimator": replace_the_model_with_a_dict,
+}
+
+
+def copy_as_version(good: Path, models_dir: Path, version: str) -> Path:
+    """A copy of the package `good` at <models_dir>/<name>/<version>, its manifest saying that version."""
+    data = read_manifest(good)
+    target = models_dir / data["name"] / version
+    shutil.copytree(good, target)
+    write_manifest(target, {**data, "version": version})
+    return target
+
+
+def refused_copy(good: Path, models_dir: Path, check: str) -> Path:
+    """A copy of the package `good` at <models_dir>/<name>/refused-<check>, spoiled so that `check` refuses it."""
+    target = copy_as_version(good, models_dir, f"refused-{check}")
+    REFUSED_KINDS[check](target)
+    return target
