@@ -3,6 +3,7 @@ and counts what failed. Bounded in requests and time; it stops by itself."""
 
 from __future__ import annotations
 
+import json
 import ssl
 import threading
 import time
@@ -12,6 +13,8 @@ from pathlib import Path
 
 import httpx
 
+# The figures of every action tested under load (requests, statuses, longest stall), one entry per action.
+LOAD_RECORD = Path(__file__).resolve().parents[2] / ".cache" / "e2e" / "chaos.json"
 IRIS = {"features": {"sepal_length": 5.1, "sepal_width": 3.5, "petal_length": 1.4, "petal_width": 0.2}}
 
 
@@ -59,6 +62,10 @@ class LoadResult:
     @property
     def failed(self) -> int:
         return len(self.failures)
+
+    def figures(self) -> dict:
+        return {"requests": self.sent, "statuses": {str(k): v for k, v in sorted(self.statuses.items())},
+                "failed": self.failed, "longest_stall_s": round(self.longest_stall, 3)}
 
     def summary(self) -> str:
         return (f"{self.sent} requests, statuses {dict(self.statuses)}, versions {dict(self.versions)}, "
@@ -119,3 +126,12 @@ class ContinuousClient:
             elapsed = time.monotonic() - begun
             self.result.longest_stall = max(self.result.longest_stall, elapsed)
             self._stop.wait(max(0.0, self.interval - elapsed))
+
+
+def record_load(action: str, result: LoadResult, path: Path = LOAD_RECORD) -> None:
+    """Print what the client saw during `action` and keep it in .cache/e2e/chaos.json (the latest run per action)."""
+    print(f"{action}: {result.summary()}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    records = json.loads(path.read_text()) if path.exists() else {}
+    records[action] = result.figures()
+    path.write_text(json.dumps(records, indent=2) + "\n")

@@ -17,6 +17,7 @@ from deploy import (
     run_playbook,
     wait_until_every_instance_serves,
 )
+from load import record_load
 
 pytestmark = pytest.mark.e2e
 
@@ -45,6 +46,7 @@ def test_model_version_deploy_under_load(sandbox, provisioned, tmp_path):
                     "--version", "2"], check=True, capture_output=True, text=True, cwd=ROOT)
     with continuous_client(sandbox) as load:
         run = run_playbook(sandbox, "deploy-model.yml", {"app_models_src": str(packages)}, label="deploy-model")
+    record_load("model version switch (deploy-model.yml)", load.result)
     assert run.returncode == 0, f"deploy-model.yml failed (log: {run.log}):\n{run.tail()}"
     assert "2" in served_versions(sandbox, "iris")
     with https(sandbox) as client:
@@ -60,12 +62,14 @@ def test_release_deploy_and_rollback_under_load(sandbox, provisioned, tmp_path):
     with continuous_client(sandbox) as load:
         deployed = run_playbook(sandbox, "deploy-release.yml",
                                 {"app_src_dir": str(release), "app_release_id": "e2e-second"}, label="deploy-release")
+    record_load("release deploy (deploy-release.yml)", load.result)
     assert deployed.returncode == 0, f"deploy-release.yml failed (log: {deployed.log}):\n{deployed.tail()}"
     assert current_release(sandbox) == "/opt/mlapi/releases/e2e-second"
     assert load.result.failed == 0, "during the release deploy: " + load.result.summary()
 
     with continuous_client(sandbox) as load:
         rolled_back = run_playbook(sandbox, "rollback.yml", label="rollback")
+    record_load("rollback (rollback.yml)", load.result)
     assert rolled_back.returncode == 0, f"rollback.yml failed (log: {rolled_back.log}):\n{rolled_back.tail()}"
     assert current_release(sandbox) == original
     assert load.result.failed == 0, "during the rollback: " + load.result.summary()
@@ -78,6 +82,7 @@ def test_broken_release_fails_its_gate_and_the_previous_release_serves_again(san
         run = run_playbook(sandbox, "deploy-release.yml",
                            {"app_src_dir": str(release), "app_release_id": "e2e-broken", "app_gate_retries": 5},
                            label="deploy-broken-release")
+    record_load("broken release refused (deploy-release.yml)", load.result)
     assert run.returncode != 0, "a release whose app cannot start was deployed without error"
     assert "did not become ready on release e2e-broken" in run.output, run.tail()
     assert current_release(sandbox) == before

@@ -1,0 +1,132 @@
+"""Chaos under load (issue 6, check 6): while a client sends predictions continuously, each fault or maintenance
+action below loses no request (no 5xx, no connection error). The figures of each action (requests, statuses,
+longest stall) are printed and kept in .cache/e2e/chaos.json.
+
+Model and release deploys under load are tested in test_deploy_upgrades.py, which records their figures too.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import pytest
+from deploy import app_host, continuous_client, require_provisioned, wait_until_every_instance_serves
+from load import record_load
+from test_deploy_resilience import main_pid
+from test_deploy_tls_renewal import served_serial
+
+pytestmark = pytest.mark.e2e
+
+UNIT = "mlapi@1.service"
+# Below the edge limit of 20 requests/s per address and the service's 1200/minute, so every 429 is a failure.
+INTERVAL = 0.07
+REQUESTS_BEFORE_THE_ACTION = 50
+REQUESTS_PER_ACTION = 400
+RECOVERY_TIMEOUT = 120
+
+
+def processes(sandbox, host, unit: str) -> tuple[int, set[int]]:
+    """The main PID of a unit on a sandbox host and its children's PIDs (gunicorn's or NGINX's workers)."""
+    master = main_pid(sandbox, host, unit)
+    return master, {int(p) for p in sandbox.ssh(host, f"pgrep -P {master}").stdout.split()}
+
+
+def wait_for(what: str, condition: Callable[[], bool], timeout: float = RECOVERY_TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.5)
+    pytest.fail(f"{what} did not happen within {timeout:.0f}s")
+
+
+def instance_ready(sandbox, host) -> bool:
+    status = sandbox.ssh(host, "curl -sS -o /dev/null -w '%{http_code}' http://127.0.0.1:8001/readyz").stdout
+    return status == "200"
+
+
+def kill_one_worker(sandbox) -> None:
+    host = app_host(sandbox)
+    master, workers = processes(sandbox, host, UNIT)
+    assert workers, f"{UNIT} (master {master}) has no workers"
+    victim = min(workers)
+    sandbox.ssh(host, f"kill -9 {victim}", check=True)
+
+    def replaced() -> bool:  # the master noticed the dead worker and forked another
+        now_master, now = processes(sandbox, host, UNIT)
+        assert now_master == master, f"killing one worker of {UNIT} took down its master"
+        return victim not in now and len(now) == len(workers)
+
+    wait_for(f"a replacement for worker {victim} of {UNIT}", replaced)
+
+
+def kill_the_master(sandbox) -> None:
+    host = app_host(sandbox)
+    master, workers = processes(sandbox, host, UNIT)
+    sandbox.ssh(host, f"kill -9 {master}", check=True)
+
+    def restarted() -> bool:  # by systemd (Restart=on-failure); the new master forks its workers, then is ready
+        now_master, now = processes(sandbox, host, UNIT)
+        return now_master not in (0, master) and len(now) == len(workers) and instance_ready(sandbox, host)
+
+    wait_for(f"{UNIT} restarted by systemd after kill -9 of its master", restarted)
+
+
+def reload_gracefully(sandbox, host, unit: str) -> None:
+    """`systemctl reload`, then wait until every old worker has exited (each finishes its requests first)."""
+    master, workers = processes(sandbox, host, unit)
+    sandbox.ssh(host, f"systemctl reload {unit}", check=True)
+
+    def replaced() -> bool:
+        now_master, now = processes(sandbox, host, unit)
+        assert now_master == master, f"systemctl reload {unit} restarted its main process"
+        return len(now) == len(workers) and not now & workers
+
+    wait_for(f"new workers of {unit} after a reload", replaced)
+
+
+def reload_the_service(sandbox) -> None:
+    # HUP: the master reloads the models, forks new workers, then stops the old ones gracefully.
+    reload_gracefully(sandbox, app_host(sandbox), UNIT)
+
+
+def reload_nginx(sandbox) -> None:
+    reload_gracefully(sandbox, sandbox.host(sandbox.ip), "nginx.service")
+
+
+def renew_the_certificate(sandbox) -> None:
+    host = sandbox.host(sandbox.ip)
+    before = served_serial(sandbox)
+    # As certbot.timer runs it: with the environment of certbot.service; the deploy hook reloads NGINX.
+    renew = ("env $(systemctl show certbot.service -p Environment --value) "
+             f"certbot renew --force-renewal --cert-name {sandbox.domain} --no-random-sleep-on-renew")
+    result = sandbox.ssh(host, renew, timeout=300)
+    assert result.returncode == 0, f"certbot renew failed:\n{result.stdout}\n{result.stderr}"
+    assert served_serial(sandbox) != before, "HTTPS still serves the old certificate: the deploy hook did not reload NGINX"
+
+
+ACTIONS: dict[str, Callable] = {
+    "kill -9 of one gunicorn worker of mlapi@1": kill_one_worker,
+    "kill -9 of the gunicorn master of mlapi@1": kill_the_master,
+    "systemctl reload mlapi@1": reload_the_service,
+    "systemctl reload nginx": reload_nginx,
+    "certificate renewal with its deploy hook": renew_the_certificate,
+}
+
+
+@pytest.mark.parametrize("action", list(ACTIONS))
+def test_no_request_fails_during(sandbox, action):
+    require_provisioned(sandbox)
+    # An earlier action may have left an instance out of NGINX's rotation for its fail_timeout.
+    wait_until_every_instance_serves(sandbox)
+    with continuous_client(sandbox, interval=INTERVAL, min_requests=REQUESTS_PER_ACTION) as load:
+        wait_for(f"{REQUESTS_BEFORE_THE_ACTION} requests before the action",
+                 lambda: load.result.sent >= REQUESTS_BEFORE_THE_ACTION, timeout=60)
+        ACTIONS[action](sandbox)
+    record_load(action, load.result)
+    assert load.result.sent >= REQUESTS_PER_ACTION, load.result.summary()
+    assert load.result.failed == 0, (
+        f"{action} lost requests: {load.result.summary()}. Find where they were lost (NGINX's error log on the lb "
+        "host, `journalctl -u mlapi@1` on the app host) and fix the kit: the unit (deploy/systemd), gunicorn "
+        "(app/gunicorn_conf.py) or NGINX's retries (deploy/nginx/snippets/retry-predictions.conf.j2)")
