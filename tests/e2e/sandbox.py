@@ -6,6 +6,7 @@ A thin wrapper over scripts/sandbox/sandbox, which does the work and writes .san
 
 from __future__ import annotations
 
+import os
 import shlex
 import subprocess
 from dataclasses import dataclass
@@ -15,11 +16,18 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "sandbox" / "sandbox"
 STATE_DIR = ROOT / ".sandbox"
 ENV_FILE = STATE_DIR / "env"
+# Prefix of the machine-wide names (namespaces, hosts), as scripts/sandbox/sandbox reads it.
+PREFIX = os.environ.get("MLAPI_SANDBOX_NAME", "mlapi")
 UP_TIMEOUT = 1800  # a cold start builds the root filesystem first
 SSH_OPTIONS = [
     "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR",
     "-o", "BatchMode=yes", "-o", "ConnectTimeout=10",
 ]
+
+
+def host_name(index: int) -> str:
+    """The name of the sandbox's index-th host (1: the lb host)."""
+    return f"{PREFIX}-sb{index}"
 
 
 class SandboxCommandError(RuntimeError):

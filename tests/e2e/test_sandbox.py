@@ -12,33 +12,36 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from sandbox import ROOT, Sandbox
+from sandbox import ROOT, Sandbox, host_name
 
 pytestmark = pytest.mark.e2e
+
+FIRST_HOST = host_name(1)  # the lb host, in every group
+
 
 def test_ssh_through_the_relay_reaches_the_host_on_its_bridge_address(sandbox: Sandbox) -> None:
     result = sandbox.ssh(sandbox.ip, "hostname; ip -4 -o addr show dev eth0", check=True)
     hostname, address_line = result.stdout.splitlines()
-    assert hostname == "mlapi-sb1"
+    assert hostname == FIRST_HOST
     assert f" {sandbox.env['SANDBOX_INTERNAL_IP']}/" in address_line
 
 
 def test_apt_reaches_the_mirror_through_the_proxy(sandbox: Sandbox) -> None:
-    result = sandbox.ssh("mlapi-sb1", "apt-get update -q", timeout=600)
+    result = sandbox.ssh(FIRST_HOST, "apt-get update -q", timeout=600)
     assert result.returncode == 0, result.stderr
     assert "Err:" not in result.stdout and "W:" not in result.stderr, result.stdout + result.stderr
 
 
 def test_without_the_proxy_the_host_has_no_way_out(sandbox: Sandbox) -> None:
     # The host has no resolver and its namespace no uplink: a direct fetch fails before sending anything.
-    result = sandbox.ssh("mlapi-sb1", "apt-get -o Acquire::http::Proxy=false -o Acquire::Retries=0 update -q")
+    result = sandbox.ssh(FIRST_HOST, "apt-get -o Acquire::http::Proxy=false -o Acquire::Retries=0 update -q")
     assert "Temporary failure resolving" in result.stdout + result.stderr
 
 
 def test_pip_downloads_through_the_proxy_trusting_the_controller_ca_bundle(sandbox: Sandbox) -> None:
     proxy = sandbox.env["SANDBOX_PROXY"]
     result = sandbox.ssh(
-        "mlapi-sb1",
+        FIRST_HOST,
         "rm -rf /tmp/pip-probe && python3 -m venv /tmp/pip-probe && "
         f"/tmp/pip-probe/bin/pip download --quiet --no-deps --proxy {proxy} "
         "--cert /etc/ssl/certs/ca-certificates.crt -d /tmp/pip-probe/dl six==1.17.0 && ls /tmp/pip-probe/dl",
@@ -49,16 +52,16 @@ def test_pip_downloads_through_the_proxy_trusting_the_controller_ca_bundle(sandb
 
 
 def test_acme_directory_answers_inside_the_sandbox_over_verified_https(sandbox: Sandbox) -> None:
-    sandbox.copy_to("mlapi-sb1", sandbox.acme_tls_ca, "/tmp/acme-tls-ca.pem")
+    sandbox.copy_to(FIRST_HOST, sandbox.acme_tls_ca, "/tmp/acme-tls-ca.pem")
     directory_url = sandbox.env["SANDBOX_ACME_DIRECTORY"]
     result = sandbox.ssh(
-        "mlapi-sb1", f"curl -sS --noproxy '*' --cacert /tmp/acme-tls-ca.pem {directory_url}", check=True)
+        FIRST_HOST, f"curl -sS --noproxy '*' --cacert /tmp/acme-tls-ca.pem {directory_url}", check=True)
     assert {"newAccount", "newNonce", "newOrder"} <= set(json.loads(result.stdout))
 
 
 def test_acme_https_is_refused_without_the_acme_tls_ca(sandbox: Sandbox) -> None:
     directory_url = sandbox.env["SANDBOX_ACME_DIRECTORY"]
-    result = sandbox.ssh("mlapi-sb1", f"curl -sS --noproxy '*' {directory_url}")
+    result = sandbox.ssh(FIRST_HOST, f"curl -sS --noproxy '*' {directory_url}")
     assert result.returncode == 60, result.stderr  # curl: peer certificate cannot be authenticated
 
 
@@ -76,7 +79,7 @@ def test_the_domain_resolves_to_the_lb_host_through_the_challenge_dns(
 ) -> None:
     # The DNS server and port the ACME server itself uses for validation.
     gateway = sandbox.env["SANDBOX_ACME_DIRECTORY"].split("//")[1].split(":")[0]
-    result = sandbox.ssh("mlapi-sb1", f"dig +short +time=2 +tries=2 @{gateway} -p 8053 {record} {sandbox.domain}",
+    result = sandbox.ssh(FIRST_HOST, f"dig +short +time=2 +tries=2 @{gateway} -p 8053 {record} {sandbox.domain}",
                          check=True)
     assert result.stdout.strip() == (sandbox.env["SANDBOX_INTERNAL_IP"] if answers_lb else "")
 
@@ -90,8 +93,8 @@ def test_env_file_and_inventory_point_at_existing_controller_files(sandbox: Sand
         capture_output=True, text=True, check=True, env={**os.environ, "ANSIBLE_NOCOLOR": "1"},
     )
     parsed = json.loads(ansible.stdout)
-    assert parsed["lb"]["hosts"] == parsed["app"]["hosts"] == parsed["redis"]["hosts"] == ["mlapi-sb1"]
-    host_vars = parsed["_meta"]["hostvars"]["mlapi-sb1"]
+    assert parsed["lb"]["hosts"] == parsed["app"]["hosts"] == parsed["redis"]["hosts"] == [FIRST_HOST]
+    host_vars = parsed["_meta"]["hostvars"][FIRST_HOST]
     assert host_vars["ansible_host"] == sandbox.ip
     assert host_vars["ansible_port"] == sandbox.ssh_port
     assert host_vars["private_ip"] == sandbox.env["SANDBOX_INTERNAL_IP"]

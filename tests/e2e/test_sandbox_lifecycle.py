@@ -11,11 +11,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sandbox import STATE_DIR, Sandbox
+from sandbox import PREFIX, STATE_DIR, Sandbox, host_name
 
 pytestmark = pytest.mark.e2e
 
-OUR_NAMESPACES = ("mlapi-lab", "mlapi-sb")
+OUR_NAMESPACES = (f"{PREFIX}-lab", f"{PREFIX}-sb")
 PROBE_PORT = 8080
 
 
@@ -65,7 +65,7 @@ def test_up_leaves_the_callers_network_unchanged(own_sandbox: Sandbox, network_b
     assert caller_network() == network_before
 
 
-@pytest.mark.parametrize("host", ["mlapi-sb1", "mlapi-sb2"])
+@pytest.mark.parametrize("host", [host_name(1), host_name(2)])
 def test_each_host_boots_systemd_as_pid_1_to_running(own_sandbox: Sandbox, host: str) -> None:
     result = own_sandbox.ssh(host, "ps -o comm= -p 1; systemctl is-system-running --wait; systemctl --failed --plain")
     assert result.stdout.split()[:2] == ["systemd", "running"], result.stdout
@@ -122,7 +122,7 @@ def test_a_powered_off_host_keeps_its_disk_and_boots_again(own_sandbox: Sandbox)
 
 def test_down_leaves_nothing_behind(own_sandbox: Sandbox, network_before: dict[str, str]) -> None:
     pids = own_sandbox.recorded_pids()
-    assert set(pids) >= {"relay", "tinyproxy", "pebble", "challtestsrv", "mlapi-sb1", "mlapi-sb2"}
+    assert set(pids) >= {"relay", "tinyproxy", "pebble", "challtestsrv", host_name(1), host_name(2)}
     assert all(alive(pid) for pid in pids.values())
     assert our_namespaces() and our_mounts()
 
