@@ -48,6 +48,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def plain_http_port() -> int:
+    """A free port for plain HTTP whose number does not contain "443": gixy takes any listen directive with
+    "443" in it for a TLS server and then asks for HSTS on it."""
+    port = free_port()
+    while "443" in str(port):
+        port = free_port()
+    return port
+
+
 def wait_until(predicate, what: str, attempts: int = 300, pause: float = 0.1) -> None:
     """Poll a bounded number of times; the failure names what never happened."""
     for _ in range(attempts):
@@ -240,7 +249,7 @@ def render(prefix: Path, upstream_ports: list[int], with_certificate: bool = Tru
         certificate, key = make_self_signed(prefix / "tls")
     else:
         certificate, key = prefix / "tls" / "fullchain.pem", prefix / "tls" / "privkey.pem"
-    edge = Edge(prefix, free_port(), free_port(), upstream_ports, certificate)
+    edge = Edge(prefix, plain_http_port(), free_port(), upstream_ports, certificate)
     variables = {
         "nginx_server_name": SERVER_NAME,
         "nginx_conf_dir": str(prefix),
