@@ -9,9 +9,11 @@ before they replace anything, then replaces the workers gracefully.
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -79,6 +81,24 @@ def on_reload(server) -> None:  # type: ignore[no-untyped-def]
     _registry(server).load()
     gc.freeze()
     get_logger("gunicorn").info("reloaded model packages; replacing workers")
+
+
+# prctl(2): PR_SET_PDEATHSIG.
+_PR_SET_PDEATHSIG = 1
+
+
+def post_fork(server, worker) -> None:  # type: ignore[no-untyped-def]
+    """A worker stops gracefully (SIGTERM: it finishes its requests) when its master dies.
+
+    Uvicorn workers never check for their master, so after a `kill -9` of the master they would go on
+    holding the port, and the master systemd starts next could not bind it. The kernel tells them instead.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        get_logger("gunicorn").warning("worker cannot follow its master's death",
+                                       extra={"errno": ctypes.get_errno()})
+    if os.getppid() != server.pid:  # the master died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def child_exit(server, worker) -> None:  # type: ignore[no-untyped-def]

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -138,6 +139,32 @@ def test_readiness_follows_the_rate_limit_store(demo_models):
     assert r.status_code == 503
     assert "rate-limit store" in r.json()["error"]["message"]
     assert prediction.status_code == 200
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_workers_stop_and_free_the_port_when_their_master_is_killed(demo_models):
+    # Else the master that systemd starts after a kill -9 cannot bind the port the orphans still hold.
+    env = {"MLAPI_MODELS_DIR": str(demo_models), "MLAPI_DEFAULT_MODEL": "iris"}
+    with gunicorn(env, workers=2) as server:
+        workers = [int(pid) for pid in Path(f"/proc/{server.pid}/task/{server.pid}/children").read_text().split()]
+        assert len(workers) == 2, workers
+        server.signal(signal.SIGKILL)
+        server.proc.wait(10)
+        try:
+            wait_for(lambda: not any(_running(pid) for pid in workers), 30, what="the orphaned workers to exit")
+        finally:
+            for pid in filter(_running, workers):  # ours: started by this test's gunicorn
+                os.kill(pid, signal.SIGKILL)
+        with socket.socket() as listener:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gunicorn binds
+            listener.bind(("127.0.0.1", server.port))
+            listener.listen()
 
 
 def test_sighup_loads_a_new_version_without_failing_requests(models_copy):
