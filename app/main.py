@@ -23,6 +23,7 @@ from app.errors import install_error_handlers
 from app.logs import configure_logging, get_logger
 from app.middleware import RequestContextMiddleware
 from app.packaging import Manifest, PackageError, discover
+from app.ratestore import RateStore
 from app.registry import ModelRegistry, _version_key
 from app.responses import FastJSONResponse
 from app.routes import health, models, predict, v2
@@ -75,16 +76,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.registry = registry
+    rate_store = RateStore(settings)
     limiter = Limiter(
         key_func=rate_limit_key,
-        storage_uri=settings.rate_limit_storage_uri,
+        storage_uri=rate_store.uri,
+        storage_options=rate_store.options,
         strategy="fixed-window",
         enabled=settings.rate_limit_enabled,
-        # A store outage must not turn every prediction into a 500: /readyz reports it instead.
+        # The guarded store answers "within limits" when it fails; anything else it raises is logged, not a 500.
         swallow_errors=True,
         key_prefix="mlapi",
     )
     app.state.limiter = limiter
+    app.state.rate_store = rate_store
 
     manifests = route_manifests(settings)
     default = settings.default_model or next(iter(sorted(manifests)), None)

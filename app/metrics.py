@@ -63,6 +63,20 @@ RATE_LIMITED = Counter(
     "Requests rejected by the service's rate limits, by route.",
     ["route"],
 )
+RATE_LIMIT_STORE_UP = Gauge(
+    "mlapi_rate_limit_store_up",
+    "1 when the shared rate-limit store answered the last call, 0 when it did not (limits are then skipped).",
+    multiprocess_mode="livemostrecent",
+)
+RATE_LIMIT_STORE_FAILURES = Counter(
+    "mlapi_rate_limit_store_failures_total",
+    "Calls to the shared rate-limit store that failed or timed out, by error class.",
+    ["error"],
+)
+RATE_LIMIT_BYPASSED = Counter(
+    "mlapi_rate_limit_bypassed_total",
+    "Rate-limit checks skipped because the shared store did not answer (the request went on unlimited).",
+)
 SHADOW_AGREEMENT = Counter(
     "mlapi_shadow_predictions_total",
     "Shadow-scored instances by whether the shadow version agreed with the primary.",

@@ -93,6 +93,18 @@ class Settings(BaseSettings):
         "memory://",
         description="Shared limit store, e.g. redis://127.0.0.1:6379/0. memory:// is per process: dev only.",
     )
+    rate_limit_store_timeout_seconds: float = Field(
+        0.05,
+        gt=0,
+        le=5,
+        description="Longest wait for the shared store per call; a store slower than this counts as down.",
+    )
+    rate_limit_store_retry_seconds: float = Field(
+        5.0,
+        ge=0.1,
+        le=300,
+        description="After a store failure, how long requests go on without limits before the store is asked again.",
+    )
     rate_limit_predict: str = Field("1200/minute", description="Limit per client on prediction routes.")
     rate_limit_default: str = Field("600/minute", description="Limit per client on the other API routes.")
 

@@ -110,23 +110,52 @@ def gunicorn(env: dict[str, str], workers: int = 2) -> Iterator[Gunicorn]:
         server.stop()
 
 
-@contextmanager
-def redis_server() -> Iterator[str]:
-    """A private redis-server on a loopback port; yields its URL."""
-    port = free_port()
-    workdir = tempfile.mkdtemp(prefix="mlapi-redis-")
-    server = Process(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", workdir],
-    )
-    try:
-        def up() -> bool:
-            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
-                s.sendall(b"PING\r\n")
-                return s.recv(16).startswith(b"+PONG")
+class RedisServer(Process):
+    """A private redis-server on a loopback port, optionally with a password; restartable on the same port."""
 
-        wait_for(up, 20, what="redis-server")
-        yield f"redis://127.0.0.1:{port}/0"
+    def __init__(self, port: int | None = None, password: str | None = None) -> None:
+        self.port = port or free_port()
+        self.password = password
+        self.workdir = tempfile.mkdtemp(prefix="mlapi-redis-")
+        argv = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                "--dir", self.workdir]
+        if password:
+            argv += ["--requirepass", password]
+        super().__init__(argv)
+        auth = f":{password}@" if password else ""
+        self.url = f"redis://{auth}127.0.0.1:{self.port}/0"
+
+        def up() -> bool:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                s.sendall(b"PING\r\n")
+                answer = s.recv(64)
+                return answer.startswith(b"+PONG") or answer.startswith(b"-NOAUTH")
+
+        try:
+            wait_for(up, 20, what="redis-server")
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self, timeout: float = 30.0) -> None:
+        super().stop(timeout)
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+@contextmanager
+def redis_server(password: str | None = None) -> Iterator[str]:
+    """A private redis-server on a loopback port; yields its URL."""
+    server = RedisServer(password=password)
+    try:
+        yield server.url
     finally:
         server.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@contextmanager
+def tarpit() -> Iterator[int]:
+    """A loopback port that accepts connections (the kernel completes them) and never answers: a hung server."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1024)
+        yield listener.getsockname()[1]

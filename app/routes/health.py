@@ -13,22 +13,20 @@ router = APIRouter(tags=["health"])
 
 
 def readiness(request: Request) -> tuple[bool, list[str]]:
-    """Ready when at least one model is loaded and the rate-limit store answers."""
-    reasons = []
+    """Ready when at least one model is loaded: local state only.
+
+    The shared rate-limit store is not part of it. Every instance shares that store, so a store fault would
+    turn every instance unready at once (all deploy gates failing, every load-balancer target flapping),
+    while the instances serve perfectly well without limits; its health is /healthz/store and a metric.
+    """
     registry = request.app.state.registry
     if not registry.loaded:
-        reasons.append(registry.last_error or "no model loaded")
-    settings = request.app.state.settings
-    if settings.rate_limit_enabled:
-        try:
-            ok = request.app.state.limiter.limiter.storage.check()
-        except Exception as exc:  # any failure of the store means not ready
-            ok = False
-            reasons.append(f"rate-limit store {settings.rate_limit_storage_uri} failed: {exc}")
-        else:
-            if not ok:
-                reasons.append(f"rate-limit store {settings.rate_limit_storage_uri} does not answer")
-    return not reasons, reasons
+        return False, [registry.last_error or "no model loaded"]
+    return True, []
+
+
+def store_answers(request: Request) -> bool:
+    return bool(request.app.state.rate_store.check(request.app.state.limiter.limiter.storage))
 
 
 @router.get("/healthz", summary="Liveness: the process answers")
@@ -36,7 +34,7 @@ async def healthz() -> dict[str, Any]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="Readiness: models loaded and the rate-limit store answers (else 503)")
+@router.get("/readyz", summary="Readiness: at least one model loaded (else 503)")
 def readyz(request: Request, registry: RegistryDep) -> Response:
     ready, reasons = readiness(request)
     if not ready:
@@ -49,7 +47,21 @@ def readyz(request: Request, registry: RegistryDep) -> Response:
     )
 
 
+@router.get(
+    "/healthz/store",
+    summary="The shared rate-limit store: 200 when it answers, 503 while requests go on without limits",
+)
+def store_health(request: Request) -> Response:
+    if not store_answers(request):
+        return error_response(
+            request.url.path, 503,
+            "the rate-limit store does not answer: requests are served without rate limits until it does",
+        )
+    return FastJSONResponse({"status": "ok", "shared": request.app.state.rate_store.shared})
+
+
 @router.get("/metrics", summary="Prometheus metrics, summed over all workers", include_in_schema=False)
-def metrics() -> Response:
+def metrics(request: Request) -> Response:
+    store_answers(request)  # keeps mlapi_rate_limit_store_up current between requests
     body, content_type = render()
     return Response(body, media_type=content_type)

@@ -208,13 +208,40 @@ def test_not_ready_without_models(make_client, tmp_path):
         assert c.get("/healthz").status_code == 200
 
 
-def test_not_ready_when_the_rate_limit_store_is_down(make_client, demo_models):
+def test_ready_while_the_rate_limit_store_is_down(make_client, demo_models):
     from tests.servers import free_port
 
     with make_client(demo_models, rate_limit_storage_uri=f"redis://127.0.0.1:{free_port()}/0") as c:
-        r = c.get("/readyz")
-    assert r.status_code == 503
-    assert "rate-limit store" in r.json()["error"]["message"]
+        ready = c.get("/readyz")
+        store = c.get("/healthz/store")
+        prediction = c.post(PREDICT, json={"features": IRIS_ROW})
+    assert ready.status_code == 200
+    assert store.status_code == 503
+    assert "rate-limit store does not answer" in assert_error_shape(store.json(), "not_ready")["message"]
+    assert prediction.status_code == 200
+
+
+STORE_PASSWORD = "Sup3rS3cret-store-password"
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("GET", "/readyz"), ("GET", "/healthz/store"), ("GET", "/v2/health/ready"), ("GET", "/metrics"),
+     ("GET", "/v1/models"), ("POST", PREDICT)],
+)
+def test_the_store_password_is_in_no_answer(make_client, demo_models, capsys, method, path):
+    from tests.servers import free_port
+
+    uri = f"redis://:{STORE_PASSWORD}@127.0.0.1:{free_port()}/0"
+    with make_client(demo_models, rate_limit_storage_uri=uri) as c:
+        c.post(PREDICT, json={"features": IRIS_ROW})  # the first store call fails and is logged
+        r = c.request(method, path, json={"features": IRIS_ROW} if method == "POST" else None)
+    assert r.status_code in (200, 503)
+    assert STORE_PASSWORD not in r.text
+    assert STORE_PASSWORD not in str(r.headers)
+    captured = capsys.readouterr()
+    assert "rate-limit store does not answer" in captured.out + captured.err
+    assert STORE_PASSWORD not in captured.out + captured.err
 
 
 def test_openapi_shows_the_real_feature_names_and_types(client):
