@@ -65,7 +65,24 @@ class LoadResult:
 
     def figures(self) -> dict:
         return {"requests": self.sent, "statuses": {str(k): v for k, v in sorted(self.statuses.items())},
-                "failed": self.failed, "longest_stall_s": round(self.longest_stall, 3)}
+                "failed": self.failed, "unanswered": len(self.connection_failures),
+                "longest_stall_s": round(self.longest_stall, 3)}
+
+    @property
+    def connection_failures(self) -> list[str]:
+        """Failures without an HTTP answer (reset, closed, timed out), as opposed to an answer other than 200."""
+        return [f for f in self.failures if not f[:3].isdigit()]
+
+    @classmethod
+    def merged(cls, results: list[LoadResult]) -> LoadResult:
+        total = cls()
+        for result in results:
+            total.sent += result.sent
+            total.statuses.update(result.statuses)
+            total.versions.update(result.versions)
+            total.failures.extend(result.failures)
+            total.longest_stall = max(total.longest_stall, result.longest_stall)
+        return total
 
     def summary(self) -> str:
         return (f"{self.sent} requests, statuses {dict(self.statuses)}, versions {dict(self.versions)}, "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+import time
 
 import pytest
 from deploy import continuous_client, require_provisioned, wait_until_every_instance_serves
@@ -19,6 +20,17 @@ def served_serial(sandbox) -> str:
         return tls.getpeercert()["serialNumber"]
 
 
+def serial_after_renewal(sandbox, before: str, timeout: float = 30.0) -> str:
+    """The serial served once NGINX has reloaded: `nginx -s reload` returns before the old workers stop
+    accepting, so a handshake right after the deploy hook may still meet an old worker."""
+    deadline = time.monotonic() + timeout
+    serial = served_serial(sandbox)
+    while serial == before and time.monotonic() < deadline:
+        time.sleep(0.5)
+        serial = served_serial(sandbox)
+    return serial
+
+
 def test_forced_renewal_serves_the_new_certificate_without_failed_requests(sandbox):
     require_provisioned(sandbox)
     wait_until_every_instance_serves(sandbox)
@@ -30,6 +42,6 @@ def test_forced_renewal_serves_the_new_certificate_without_failed_requests(sandb
     with continuous_client(sandbox) as load:
         result = sandbox.ssh(host, renew, timeout=300)
     assert result.returncode == 0, f"certbot renew failed:\n{result.stdout}\n{result.stderr}"
-    after = served_serial(sandbox)
+    after = serial_after_renewal(sandbox, before)
     assert after != before, "HTTPS still serves the old certificate: the deploy hook did not reload NGINX"
     assert load.result.failed == 0, load.result.summary()

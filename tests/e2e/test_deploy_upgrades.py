@@ -56,6 +56,29 @@ def test_model_version_deploy_under_load(sandbox, provisioned, tmp_path):
     assert load.result.failed == 0, load.result.summary()
 
 
+def test_model_version_deploys_while_the_store_is_down(sandbox, provisioned, tmp_path):
+    """The shared Redis stopped: every instance stays ready, so the reload gates pass and the version switches
+    under load; predictions go on without rate limits meanwhile."""
+    packages = tmp_path / "models"
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "train_model.py"), "--models-dir", str(packages),
+                    "--version", "3", "--only", "iris"], check=True, capture_output=True, text=True, cwd=ROOT)
+    redis_host = sandbox.host(sandbox.ip)
+    sandbox.ssh(redis_host, "systemctl stop redis-server", check=True)
+    try:
+        with continuous_client(sandbox) as load:
+            run = run_playbook(sandbox, "deploy-model.yml", {"app_models_src": str(packages)},
+                               label="deploy-model-store-down")
+        store = sandbox.ssh(app_host(sandbox),
+                            "curl -sS -o /dev/null -w '%{http_code}' http://127.0.0.1:8001/healthz/store").stdout
+    finally:
+        sandbox.ssh(redis_host, "systemctl start redis-server", check=True)
+    record_load("model version switch with Redis stopped (deploy-model.yml)", load.result)
+    assert run.returncode == 0, f"deploy-model.yml failed with the store down (log: {run.log}):\n{run.tail()}"
+    assert store == "503", "the instance did not notice that the store was down"
+    assert "3" in served_versions(sandbox, "iris")
+    assert load.result.failed == 0, load.result.summary()
+
+
 def test_release_deploy_and_rollback_under_load(sandbox, provisioned, tmp_path):
     original = current_release(sandbox)
     release = release_copy(tmp_path / "release")
