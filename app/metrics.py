@@ -63,6 +63,10 @@ RATE_LIMITED = Counter(
     "Requests rejected by the service's rate limits, by route.",
     ["route"],
 )
+OVERLOADED = Counter(
+    "mlapi_overloaded_total",
+    "Requests answered 503 at once because their worker was at MLAPI_LIMIT_CONCURRENCY.",
+)
 SHADOW_AGREEMENT = Counter(
     "mlapi_shadow_predictions_total",
     "Shadow-scored instances by whether the shadow version agreed with the primary.",
