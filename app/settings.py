@@ -138,6 +138,12 @@ class Settings(BaseSettings):
         ),
     )
     onnx_threads: int = Field(1, ge=1, description="ONNX Runtime intra-op threads per worker.")
+    metrics_dir_min_free_bytes: int = Field(
+        16 * 1024 * 1024, ge=0, description=(
+            "Free bytes on the filesystem of PROMETHEUS_MULTIPROC_DIR below which the master logs a warning "
+            "when a worker exits."
+        ),
+    )
 
     @field_validator("trusted_proxies", "api_key_hashes", "cors_origins", "trusted_hosts", mode="before")
     @classmethod
