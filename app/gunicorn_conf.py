@@ -48,7 +48,7 @@ from app.logs import get_logger, logging_config  # noqa: E402
 
 bind = [_settings.bind]
 workers = _settings.workers
-worker_class = "uvicorn_worker.UvicornWorker"
+worker_class = "app.workers.GracefulWorker"
 preload_app = True
 max_requests = _settings.max_requests
 max_requests_jitter = _settings.max_requests_jitter
@@ -102,6 +102,9 @@ def post_fork(server, worker) -> None:  # type: ignore[no-untyped-def]
 
 
 def child_exit(server, worker) -> None:  # type: ignore[no-untyped-def]
-    from app.metrics import mark_process_dead
+    """Fold the dead worker's metrics into the archive files, so the folder stays bounded."""
+    from app.metrics import archive_dead_processes, check_folder
 
-    mark_process_dead(worker.pid)
+    archive_dead_processes()
+    # During a reload the old workers and their replacements run side by side, with the master.
+    check_folder(processes=2 * _settings.workers + 1, min_free_bytes=_settings.metrics_dir_min_free_bytes)

@@ -137,7 +137,25 @@ class Settings(BaseSettings):
     timeout: int = Field(30, ge=1, description="Seconds a silent worker lives before it is killed.")
     graceful_timeout: int = Field(30, ge=1, description="Seconds a worker gets to finish requests on reload/stop.")
     keepalive: int = Field(75, ge=1, description="Keep-alive seconds; longer than NGINX's upstream keepalive_timeout (60s).")
+    retire_grace: float = Field(
+        1.0, ge=0, description=(
+            "Seconds a retiring worker (recycled, reloaded, stopped) keeps an idle kept-alive connection open "
+            "for a request already on its way, answered with Connection: close."
+        ),
+    )
+    limit_concurrency: int = Field(
+        256, ge=0, description=(
+            "Connections or requests in flight per worker above which a request is answered 503 at once "
+            "(0: no limit)."
+        ),
+    )
     onnx_threads: int = Field(1, ge=1, description="ONNX Runtime intra-op threads per worker.")
+    metrics_dir_min_free_bytes: int = Field(
+        16 * 1024 * 1024, ge=0, description=(
+            "Free bytes on the filesystem of PROMETHEUS_MULTIPROC_DIR below which the master logs a warning "
+            "when a worker exits."
+        ),
+    )
 
     @field_validator("trusted_proxies", "api_key_hashes", "cors_origins", "trusted_hosts", mode="before")
     @classmethod
@@ -183,6 +201,15 @@ class Settings(BaseSettings):
         if not re.match(r"^(memory|redis|rediss|redis\+unix)://", v):
             raise ValueError("use memory:// (single process only) or redis://host:port/db")
         return v
+
+    @model_validator(mode="after")
+    def _retire_within_graceful_timeout(self) -> Settings:
+        if self.retire_grace >= self.graceful_timeout:
+            raise ValueError(
+                f"MLAPI_RETIRE_GRACE ({self.retire_grace}) must be less than MLAPI_GRACEFUL_TIMEOUT "
+                f"({self.graceful_timeout}), or workers are killed before they finish their requests"
+            )
+        return self
 
     @model_validator(mode="after")
     def _routes(self) -> Settings:

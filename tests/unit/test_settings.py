@@ -49,6 +49,7 @@ def test_env_file_is_read(tmp_path, monkeypatch):
         ("MLAPI_RATE_LIMIT_STORAGE_URI", "mongodb://x", "redis://"),
         ("MLAPI_MODELS", '{"iris": {"versions": {}}}', "at least one version"),
         ("MLAPI_ENGINE", "tensorflow", "auto"),
+        ("MLAPI_RETIRE_GRACE", "30", "must be less than MLAPI_GRACEFUL_TIMEOUT"),
     ],
 )
 def test_bad_values_stop_start_up_naming_the_variable(monkeypatch, var, value, words):

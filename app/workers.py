@@ -1,0 +1,115 @@
+"""The gunicorn worker: a uvicorn worker that retires without dropping requests and sheds overload.
+
+A worker retires when it is recycled (``MLAPI_MAX_REQUESTS``), replaced on reload (SIGHUP to the
+master) or stopped. Uvicorn then closes every idle kept-alive connection at once, but "idle" only
+means no request has been read yet: a client that has just sent one on that connection gets the
+connection closed instead of an answer. Here a retiring worker keeps each idle connection open for
+``MLAPI_RETIRE_GRACE`` seconds; a request that arrives meanwhile is served with ``Connection: close``,
+so the client reconnects (to another worker) for the next one, and no connection is ever closed
+with a request in flight. Uvicorn's shutdown already waits for the connections to close, bounded by
+gunicorn's graceful timeout.
+
+A worker also answers 503 at once, in the service's JSON error shape, when it holds more than
+``MLAPI_LIMIT_CONCURRENCY`` connections or requests, instead of queueing without bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import orjson
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn_worker import UvicornWorker
+
+from app.errors import error_body
+from app.metrics import OVERLOADED
+from app.settings import get_settings
+
+OVERLOADED_MESSAGE = "the service is at its concurrency limit; retry after the number of seconds in Retry-After"
+
+
+async def overloaded(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """The answer of a worker at its limit: cheap, and closing the connection sheds its load."""
+    OVERLOADED.inc()
+    body = orjson.dumps(error_body(scope.get("path", ""), "overloaded", OVERLOADED_MESSAGE, []))
+    await send({
+        "type": "http.response.start",
+        "status": 503,
+        "headers": [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"retry-after", b"1"),
+            (b"connection", b"close"),
+        ],
+    })
+    await send({"type": "http.response.body", "body": body})
+
+
+class GracefulHttpToolsProtocol(HttpToolsProtocol):
+    """Uvicorn's httptools protocol with a graceful retirement and the service's overload answer."""
+
+    retire_grace: float = 1.0  # set by GracefulWorker from the settings
+    concurrency_limit: int | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.limit_concurrency = None  # uvicorn's own check answers in plain text; on_headers_complete checks
+        self._retiring = False
+        self._reading_request = False
+        self._retire_timer: asyncio.TimerHandle | None = None
+
+    def _idle(self) -> bool:
+        return not self._reading_request and (self.cycle is None or self.cycle.response_complete)
+
+    def shutdown(self) -> None:
+        self._retiring = True
+        if not self._idle():
+            if self.cycle is not None:
+                self.cycle.keep_alive = False  # the response in progress says Connection: close
+            return
+        # A request may be on the wire: give it time to arrive and be answered with Connection: close.
+        self._unset_keepalive_if_required()
+        self._retire_timer = self.loop.call_later(self.retire_grace, self._close_if_idle)
+
+    def _close_if_idle(self) -> None:
+        self._retire_timer = None
+        if self._idle() and not self.transport.is_closing():
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._retire_timer is not None:
+            self._retire_timer.cancel()
+            self._retire_timer = None
+        super().connection_lost(exc)
+
+    def on_message_begin(self) -> None:
+        self._reading_request = True
+        super().on_message_begin()
+
+    def on_headers_complete(self) -> None:
+        self._reading_request = False
+        limit = self.concurrency_limit
+        # This connection is one of self.connections; its request is not yet one of self.tasks.
+        if limit is not None and (len(self.connections) > limit or len(self.tasks) >= limit):
+            service, self.app = self.app, overloaded
+            try:
+                super().on_headers_complete()
+            finally:
+                self.app = service
+        else:
+            super().on_headers_complete()
+        if self._retiring and self.cycle is not None:
+            self.cycle.keep_alive = False
+
+
+class GracefulWorker(UvicornWorker):
+    """``worker_class`` of app/gunicorn_conf.py."""
+
+    CONFIG_KWARGS = {"loop": "auto", "http": GracefulHttpToolsProtocol}
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        settings = get_settings()
+        GracefulHttpToolsProtocol.retire_grace = settings.retire_grace
+        GracefulHttpToolsProtocol.concurrency_limit = settings.limit_concurrency or None
+        super().__init__(*args, **kwargs)

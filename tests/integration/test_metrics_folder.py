@@ -1,0 +1,132 @@
+"""The metrics folder of a gunicorn whose workers are recycled again and again.
+
+Two workers recycled after about 20 requests each, at least 50 times, while /metrics is scraped
+all along: the folder stays small, and the counters count every request once.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.servers import gunicorn
+from tests.unit.conftest import IRIS_ROW
+
+pytestmark = pytest.mark.integration
+
+WORKERS = 2
+RECYCLES = 50
+CLIENTS = 4
+MAX_PREDICTIONS = 6000  # bounds the run if workers recycle less often than they should
+MAX_SECONDS = 120
+RECYCLED = "Maximum request limit"
+PATH = "/v1/models/iris-logreg/predict"  # also its route label
+
+
+@dataclass
+class Run:
+    predictions: int = 0  # answered, whatever the status
+    transport_errors: list[str] = field(default_factory=list)
+    scrapes: list[tuple[int, float]] = field(default_factory=list)  # (status, predictions counted)
+    recycles: int = 0
+    final: str = ""
+    files: list[str] = field(default_factory=list)
+
+
+def _counted(text: str, route: str) -> float:
+    """mlapi_http_requests_total summed over every label but the route."""
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "mlapi_http_requests_total" and sample.labels.get("route") == route
+    )
+
+
+def _gauge(text: str, name: str) -> float:
+    return next(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name)
+
+
+@pytest.fixture(scope="module")
+def recycled(demo_models) -> Run:
+    env = {
+        "MLAPI_MODELS_DIR": str(demo_models),
+        "MLAPI_DEFAULT_MODEL": "iris",
+        "MLAPI_RATE_LIMIT_ENABLED": "false",
+        "MLAPI_ACCESS_LOG": "false",
+        "MLAPI_MAX_REQUESTS": "20",
+        "MLAPI_MAX_REQUESTS_JITTER": "5",
+    }
+    run = Run()
+    lock = threading.Lock()
+    done = threading.Event()
+    with gunicorn(env, workers=WORKERS) as server:
+        deadline = time.monotonic() + MAX_SECONDS
+
+        def predict() -> None:
+            with httpx.Client(base_url=server.url, timeout=30) as client:
+                while not done.is_set():
+                    try:
+                        client.post(PATH, json={"features": IRIS_ROW})
+                    except httpx.TransportError as exc:
+                        with lock:
+                            run.transport_errors.append(repr(exc))
+                        continue
+                    with lock:
+                        run.predictions += 1
+                        if run.predictions >= MAX_PREDICTIONS:
+                            done.set()
+
+        def scrape() -> None:
+            with httpx.Client(base_url=server.url, timeout=30) as client:
+                while not done.is_set():
+                    r = client.get("/metrics")
+                    run.scrapes.append((r.status_code, _counted(r.text, PATH) if r.status_code == 200 else -1))
+
+        threads = [threading.Thread(target=predict) for _ in range(CLIENTS)] + [threading.Thread(target=scrape)]
+        for thread in threads:
+            thread.start()
+        try:
+            while not done.is_set() and time.monotonic() < deadline:
+                run.recycles = server.output().count(RECYCLED)
+                if run.recycles >= RECYCLES:
+                    break
+                time.sleep(0.2)
+        finally:
+            done.set()
+            for thread in threads:
+                thread.join(60)
+        run.recycles = server.output().count(RECYCLED)
+        run.final = httpx.get(server.url + "/metrics", timeout=30).text
+        run.files = sorted(os.listdir(server.metrics_dir))
+    assert run.recycles >= RECYCLES, f"only {run.recycles} recycles in {run.predictions} predictions"
+    assert run.transport_errors == [], run.transport_errors[:5]
+    return run
+
+
+def test_the_folder_stays_bounded_by_the_workers(recycled):
+    # Per live process a counter, a histogram and a gauge file; the master's; two archives and the lock.
+    assert len(recycled.files) <= 4 * (WORKERS + 1) + 4, recycled.files
+
+
+def test_every_prediction_is_counted_once_across_recycled_workers(recycled):
+    assert _counted(recycled.final, PATH) == recycled.predictions
+
+
+def test_scrapes_during_recycling_never_see_a_counter_go_back(recycled):
+    statuses = {status for status, _ in recycled.scrapes}
+    counts = [count for _, count in recycled.scrapes]
+    assert statuses == {200}
+    assert len(counts) > 10, "too few scrapes to show anything"
+    assert all(a <= b for a, b in zip(counts, counts[1:])), counts
+
+
+def test_the_folder_reports_its_own_size_and_free_space(recycled):
+    assert _gauge(recycled.final, "mlapi_metrics_dir_files") == len(recycled.files)
+    assert _gauge(recycled.final, "mlapi_metrics_dir_free_bytes") > 0
