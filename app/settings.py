@@ -78,6 +78,13 @@ class Settings(BaseSettings):
         ),
     )
     default_model: str | None = Field(None, description="Model used by /v1/predict; default: the only or first model.")
+    version_override: Literal["serving", "loaded"] = Field(
+        "serving",
+        description=(
+            "Versions a client may choose (X-Model-Version, /versions/{v}/ routes): serving: only those with "
+            "a weight above 0; loaded: any loaded version, shadow and weight-0 ones included."
+        ),
+    )
     engine: Literal["auto", "onnx", "sklearn"] = Field(
         "auto", description="auto: ONNX Runtime when the package holds a verified model.onnx, else scikit-learn."
     )

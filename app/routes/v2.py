@@ -85,7 +85,10 @@ class InferenceResponse(BaseModel):
 
 V2_ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": V2Error, "description": "Invalid inference request."},
+    401: {"model": V2Error, "description": "API key missing."},
+    403: {"model": V2Error, "description": "API key not accepted, or a version that takes no traffic."},
     404: {"model": V2Error, "description": "Unknown model or version."},
+    413: {"model": V2Error, "description": "More rows than MLAPI_MAX_BATCH_SIZE, or a body over the limit."},
     429: {"model": V2Error, "description": "Rate limit exceeded."},
 }
 
@@ -194,7 +197,9 @@ def build_router(settings: Settings, limiter: Limiter) -> APIRouter:
     def lookup(registry: ModelRegistry, name: str, version: str | None) -> tuple[ServedModel, LoadedModel]:
         try:
             served = registry.get(name)
-            return served, served.choose(override=version or served.default_version)
+            return served, served.choose(
+                override=version or served.default_version, overrides=settings.version_override
+            )
         except UnknownModel as exc:
             raise APIError(404, str(exc)) from None
 
@@ -229,13 +234,8 @@ def build_router(settings: Settings, limiter: Limiter) -> APIRouter:
         name: str,
         version: str | None = None,
     ) -> FastJSONResponse:
-        try:
-            served = registry.get(name)
-        except UnknownModel as exc:
-            raise APIError(404, str(exc)) from None
-        if version is not None and version not in served.versions:
-            raise APIError(404, f"model {name!r} has no loaded version {version!r}; loaded: {sorted(served.versions)}")
-        reference = served.versions[version or served.default_version]
+        # The version is checked before the body: a refused version costs no decoding.
+        served, reference = lookup(registry, name, version)
         X = to_matrix(body, reference, settings.max_abs_value, settings.max_batch_size)
         user = request.headers.get("x-user-id")
         scored = score(registry, served, X, user_id=user, version=version, state=request.state)
