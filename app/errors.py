@@ -145,7 +145,9 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(request: Request, exc: StarletteHTTPException) -> FastJSONResponse:
         message = exc.detail if isinstance(exc.detail, str) else _STATUS_CODES.get(exc.status_code, "error")
         if exc.status_code == 404 and message == "Not Found":
-            message = f"no route {request.method} {request.url.path}; see /docs for the API"
+            message = f"no route {request.method} {request.url.path}"
+            if request.app.state.settings.docs == "on":
+                message += "; see /docs for the API"
         return error_response(request.url.path, exc.status_code, message, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(RateLimitExceeded)

@@ -112,6 +112,13 @@ class Settings(BaseSettings):
         default_factory=list,
         description="SHA-256 hex digests of accepted X-API-Key values; empty means no key is required.",
     )
+    docs: Literal["on", "off"] = Field(
+        "on",
+        description=(
+            "Serve /openapi.json, /docs and /redoc (every feature, with its reference mean as the example); "
+            "with MLAPI_API_KEY_HASHES set they need the X-API-Key header too."
+        ),
+    )
     cors_origins: CsvList = Field(default_factory=list, description="Allowed CORS origins; empty: CORS off.")
     trusted_hosts: CsvList = Field(default_factory=list, description="Allowed Host headers; empty: any.")
 

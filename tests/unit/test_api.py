@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -269,3 +270,30 @@ def test_drift_is_scored_against_the_reference_and_exported(client):
     assert "sepal_length" in drift["drifted"]
     text = client.get("/metrics").text
     assert metric(text, "mlapi_feature_drift_psi", model="iris", version="1", feature="sepal_length") >= 0.2
+
+
+DOC_ROUTES = ["/openapi.json", "/docs", "/redoc"]
+DOCS_KEY = "docs-key-for-tests"
+DOCS_KEY_HASH = hashlib.sha256(DOCS_KEY.encode()).hexdigest()
+
+
+@pytest.mark.parametrize("path", DOC_ROUTES)
+def test_docs_need_the_api_key_when_keys_are_required(make_client, demo_models, path):
+    with make_client(demo_models, api_key_hashes=[DOCS_KEY_HASH]) as c:
+        statuses = (c.get(path).status_code, c.get(path, headers={"X-API-Key": DOCS_KEY}).status_code)
+    assert statuses == (401, 200)
+
+
+@pytest.mark.parametrize("path", DOC_ROUTES)
+def test_docs_are_gone_when_turned_off(make_client, demo_models, path):
+    with make_client(demo_models, docs="off") as c:
+        r = c.get(path)
+    assert r.status_code == 404
+    assert_error_shape(r.json(), "not_found")
+    assert "see /docs" not in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/readyz", "/metrics"])
+def test_health_and_metrics_need_no_key_when_keys_are_required(make_client, demo_models, path):
+    with make_client(demo_models, api_key_hashes=[DOCS_KEY_HASH]) as c:
+        assert c.get(path).status_code == 200
