@@ -112,6 +112,13 @@ class Settings(BaseSettings):
         default_factory=list,
         description="SHA-256 hex digests of accepted X-API-Key values; empty means no key is required.",
     )
+    api_key_failure_limit: str = Field(
+        "10/minute",
+        description=(
+            "Wrong X-API-Key values a client (address) may send per window; over it, every request of that "
+            "client that needs a key gets 429 until the window ends, a right key included."
+        ),
+    )
     docs: Literal["on", "off"] = Field(
         "on",
         description=(
@@ -168,7 +175,7 @@ class Settings(BaseSettings):
                 )
         return v
 
-    @field_validator("rate_limit_predict", "rate_limit_default")
+    @field_validator("rate_limit_predict", "rate_limit_default", "api_key_failure_limit")
     @classmethod
     def _rate(cls, v: str) -> str:
         from limits import parse_many
