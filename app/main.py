@@ -110,6 +110,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings.trusted_hosts:
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=settings.trusted_hosts)
     app.add_middleware(
-        RequestContextMiddleware, max_body_bytes=settings.max_body_bytes, access_log_enabled=settings.access_log
+        RequestContextMiddleware,
+        max_body_bytes=settings.max_body_bytes,
+        access_log_enabled=settings.access_log,
+        trusted_proxies=settings.trusted_proxies,
     )
     return app
