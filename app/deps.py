@@ -5,7 +5,9 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import Depends, Header, Request
+from starlette.concurrency import run_in_threadpool
 
+from app.errors import APIError
 from app.registry import ModelRegistry
 from app.security import check_api_key
 from app.settings import Settings
@@ -24,7 +26,22 @@ async def get_registry(request: Request) -> ModelRegistry:
 
 
 async def api_key(request: Request) -> None:
-    check_api_key(request, request.app.state.settings)
+    settings = request.app.state.settings
+    if not settings.api_keys_required:
+        return
+    # The prediction shortcut checks the key and may then hand the same request to FastAPI, which
+    # checks it again: the verdict is kept so that a wrong key counts once.
+    verdict = getattr(request.state, "api_key_verdict", None)
+    if verdict is None:
+        try:
+            # The check counts wrong keys in the rate-limit store (Redis in production): off the loop.
+            await run_in_threadpool(check_api_key, request, settings)
+            verdict = True
+        except APIError as exc:
+            verdict = exc
+        request.state.api_key_verdict = verdict
+    if isinstance(verdict, APIError):
+        raise verdict
 
 
 # Header limits, shared with the prediction routes' shortcut (app/routes/predict.py).

@@ -145,7 +145,9 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(request: Request, exc: StarletteHTTPException) -> FastJSONResponse:
         message = exc.detail if isinstance(exc.detail, str) else _STATUS_CODES.get(exc.status_code, "error")
         if exc.status_code == 404 and message == "Not Found":
-            message = f"no route {request.method} {request.url.path}; see /docs for the API"
+            message = f"no route {request.method} {request.url.path}"
+            if request.app.state.settings.docs == "on":
+                message += "; see /docs for the API"
         return error_response(request.url.path, exc.status_code, message, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(RateLimitExceeded)
@@ -165,14 +167,18 @@ def install_error_handlers(app: FastAPI) -> None:
 
 def _retry_after(request: Request) -> int:
     """Seconds until the window that refused this request resets (at least 1)."""
-    import time
-
-    limiter = request.app.state.limiter
     current = getattr(request.state, "view_rate_limit", None)
     if current is None:
         return 1
+    return retry_after(request.app.state.limiter.limiter, current[0], current[1])
+
+
+def retry_after(strategy: Any, item: Any, identifiers: Any) -> int:
+    """Seconds until the window of ``item`` for ``identifiers`` resets (at least 1)."""
+    import time
+
     try:
-        reset_at, _remaining = limiter.limiter.get_window_stats(current[0], *current[1])
+        reset_at, _remaining = strategy.get_window_stats(item, *identifiers)
     except Exception:  # the store may be gone; a retry hint is still better than none
         return 1
     return max(1, int(reset_at - time.time()) + 1)

@@ -99,7 +99,7 @@ def score(
     state: Any = None,
 ) -> Scored:
     """Score X with the version the routing table picks; one call into the model for the whole batch."""
-    model = served.choose(user_id=user_id, override=version)
+    model = served.choose(user_id=user_id, override=version, overrides=registry.settings.version_override)
     if state is not None:
         state.model = model.name
         state.version = model.version

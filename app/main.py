@@ -26,7 +26,7 @@ from app.packaging import Manifest, PackageError, discover
 from app.ratestore import RateStore
 from app.registry import ModelRegistry, _version_key
 from app.responses import FastJSONResponse
-from app.routes import health, models, predict, v2
+from app.routes import docs, health, models, predict, v2
 from app.security import rate_limit_key
 from app.settings import Settings, get_settings
 
@@ -73,6 +73,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="Predictions from scikit-learn model packages. Errors share one JSON shape; see each route.",
         default_response_class=FastJSONResponse,
         lifespan=lifespan,
+        # Served by app/routes/docs.py, behind the API key when keys are required.
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.registry = registry
@@ -96,6 +100,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(predict.build_router(manifests, default, settings, limiter))
     app.include_router(models.build_router(settings, limiter))
     app.include_router(v2.build_router(settings, limiter))
+    if settings.docs == "on":
+        app.include_router(docs.router)
     install_error_handlers(app)
 
     if settings.cors_origins:
@@ -108,6 +114,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings.trusted_hosts:
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=settings.trusted_hosts)
     app.add_middleware(
-        RequestContextMiddleware, max_body_bytes=settings.max_body_bytes, access_log_enabled=settings.access_log
+        RequestContextMiddleware,
+        max_body_bytes=settings.max_body_bytes,
+        access_log_enabled=settings.access_log,
+        trusted_proxies=settings.trusted_proxies,
     )
     return app

@@ -1,13 +1,21 @@
 """The outermost layer of every request: request id, body size limit, access log, metrics, last-resort 500.
 
 A pure ASGI middleware (no BaseHTTPMiddleware) so it adds little to each request.
+
+Request ids: the id that keys the logs is the service's own, or the edge's (X-Request-ID) when a trusted
+proxy sent the request. A client's X-Request-ID is never that key, since two clients may send the same
+one; it is kept beside it as ``client_request_id`` (relayed by the edge as X-Client-Request-ID) and
+returned in the X-Client-Request-ID response header.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import time
 import random
+from collections.abc import Iterable
+from functools import lru_cache
 from typing import Any
 
 import orjson
@@ -47,11 +55,50 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
+def _token(scope: Scope, name: bytes) -> str | None:
+    """A request-id header when it is a plain token (safe in a JSON body, a header and a log line)."""
+    value = _header(scope, name)
+    return value if value and _REQUEST_ID.match(value) else None
+
+
 class RequestContextMiddleware:
-    def __init__(self, app: ASGIApp, *, max_body_bytes: int, access_log_enabled: bool = True) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        max_body_bytes: int,
+        access_log_enabled: bool = True,
+        trusted_proxies: Iterable[str] = (),
+    ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.access_log_enabled = access_log_enabled
+        networks = tuple(ipaddress.ip_network(p, strict=False) for p in trusted_proxies)
+
+        @lru_cache(maxsize=1024)
+        def trusted(host: str) -> bool:
+            try:
+                address = ipaddress.ip_address(host)
+            except ValueError:
+                return False
+            return any(address in network for network in networks)
+
+        self._trusted = trusted
+
+    def _from_trusted_proxy(self, scope: Scope) -> bool:
+        """Whether a proxy of MLAPI_TRUSTED_PROXIES sent the request.
+
+        When it sent X-Forwarded-For, the server (gunicorn's forwarded_allow_ips, the same list) has
+        already replaced its address with the client's, with port 0: no TCP peer has port 0, so that
+        marks a request a trusted proxy forwarded. Otherwise the peer's own address decides.
+        """
+        client = scope.get("client")
+        if not client:
+            return False
+        host, port = client
+        if port == 0 and _header(scope, b"x-forwarded-for") is not None:
+            return True
+        return self._trusted(host)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -59,11 +106,20 @@ class RequestContextMiddleware:
             return
 
         start = time.perf_counter()
-        incoming = _header(scope, b"x-request-id")
-        request_id = incoming if incoming and _REQUEST_ID.match(incoming) else new_request_id()
+        incoming = _token(scope, b"x-request-id")
+        if self._from_trusted_proxy(scope):
+            request_id = incoming or new_request_id()
+            client_request_id = _token(scope, b"x-client-request-id")
+        else:
+            request_id = new_request_id()
+            client_request_id = incoming
         token = request_id_var.set(request_id)
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
+        state["client_request_id"] = client_request_id
+        id_headers = [(b"x-request-id", request_id.encode("latin-1"))]
+        if client_request_id is not None:
+            id_headers.append((b"x-client-request-id", client_request_id.encode("latin-1")))
         # slowapi reads this after the endpoint even when its store failed and set nothing.
         state["view_rate_limit"] = None
         status_holder = {"status": 500, "started": False}
@@ -71,7 +127,7 @@ class RequestContextMiddleware:
 
         declared = _header(scope, b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-            await self._send_error(send, path, 413, self._too_large_message(), request_id)
+            await self._send_error(send, path, 413, self._too_large_message(), id_headers)
             status_holder["status"] = 413
             self._finish(scope, state, 413, start)
             request_id_var.reset(token)
@@ -88,27 +144,25 @@ class RequestContextMiddleware:
                     raise BodyTooLarge(self.max_body_bytes)
             return message
 
-        rid_header = (b"x-request-id", request_id.encode("latin-1"))
-
         async def send_wrapper(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status_holder["status"] = message["status"]
                 status_holder["started"] = True
-                message["headers"] = [*message.get("headers", []), rid_header]
+                message["headers"] = [*message.get("headers", []), *id_headers]
             await send(message)
 
         try:
             await self.app(scope, limited_receive, send_wrapper)
         except BodyTooLarge:
             if not status_holder["started"]:
-                await self._send_error(send, path, 413, self._too_large_message(), request_id)
+                await self._send_error(send, path, 413, self._too_large_message(), id_headers)
             status_holder["status"] = 413
         except Exception:
             # Never a stack trace to the client: it goes to the log with the request id.
             log.exception("unhandled error", extra={"path": path, "method": scope.get("method")})
             if not status_holder["started"]:
                 await self._send_error(
-                    send, path, 500, f"internal error; quote request id {request_id} when reporting it", request_id
+                    send, path, 500, f"internal error; quote request id {request_id} when reporting it", id_headers
                 )
             status_holder["status"] = 500
         finally:
@@ -118,7 +172,9 @@ class RequestContextMiddleware:
     def _too_large_message(self) -> str:
         return f"request body larger than {self.max_body_bytes} bytes; send fewer instances per request"
 
-    async def _send_error(self, send: Send, path: str, status: int, message: str, request_id: str) -> None:
+    async def _send_error(
+        self, send: Send, path: str, status: int, message: str, id_headers: list[tuple[bytes, bytes]]
+    ) -> None:
         from app.errors import _STATUS_CODES
 
         body = orjson.dumps(error_body(path, _STATUS_CODES[status], message, []))
@@ -129,7 +185,7 @@ class RequestContextMiddleware:
                 "headers": [
                     (b"content-type", b"application/json"),
                     (b"content-length", str(len(body)).encode()),
-                    (b"x-request-id", request_id.encode("latin-1")),
+                    *id_headers,
                 ],
             }
         )
@@ -151,6 +207,7 @@ class RequestContextMiddleware:
                 "request",
                 extra={
                     "request_id": state.get("request_id"),
+                    "client_request_id": state.get("client_request_id"),
                     "client_ip": client[0] if client else None,
                     "method": method,
                     "path": scope.get("path"),

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from app.drift import DriftMonitor
+from app.errors import APIError
 from app.logs import get_logger
 from app.metrics import MODEL_INFO, MODEL_LOAD_FAILURES
 from app.packaging import LoadedModel, PackageError, discover, load_package
@@ -26,6 +27,13 @@ log = get_logger("registry")
 
 class UnknownModel(LookupError):
     pass
+
+
+class VersionNotServing(APIError):
+    """A client asked for a loaded version that takes no traffic."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(403, message, code="version_not_serving")
 
 
 @dataclass
@@ -42,20 +50,32 @@ class ServedModel:
     def default_version(self) -> str:
         return max(self.weights, key=lambda v: self.weights[v])
 
-    def choose(self, user_id: str | None = None, override: str | None = None) -> LoadedModel:
+    def choose(
+        self, user_id: str | None = None, override: str | None = None, *, overrides: str = "serving"
+    ) -> LoadedModel:
         """The version that serves a request.
 
-        An explicit version wins. Otherwise the weights decide: with a user id the
-        choice is a stable hash of (model, user), so a user stays on one version
-        across requests, workers, hosts and restarts; without one it is random.
+        An explicit version wins, but with ``overrides="serving"`` (MLAPI_VERSION_OVERRIDE) only a
+        version with a weight above 0: a shadow or weight-0 version is staged, not released, and
+        a client must not be able to reach it. Otherwise the weights decide: with a user id the
+        choice is a stable hash of (model, user), so a user stays on one version across requests,
+        workers, hosts and restarts; without one it is random.
         """
         if override is not None:
-            try:
-                return self.versions[override]
-            except KeyError:
+            model = self.versions.get(override)
+            choosable = sorted(self.versions) if overrides == "loaded" else sorted(self.weights)
+            if model is None:
                 raise UnknownModel(
-                    f"model {self.name!r} has no loaded version {override!r}; loaded: {sorted(self.versions)}"
-                ) from None
+                    f"model {self.name!r} has no loaded version {override!r}; choose one of {choosable}"
+                )
+            if overrides != "loaded" and override not in self.weights:
+                why = "it is the shadow version" if override == self.shadow else "its weight is 0"
+                raise VersionNotServing(
+                    f"model {self.name!r} version {override!r} takes no traffic ({why}), so clients may not "
+                    f"choose it; choose one of {choosable}, or set MLAPI_VERSION_OVERRIDE=loaded to let "
+                    "clients choose any loaded version"
+                )
+            return model
         if len(self.weights) == 1:
             return self.versions[next(iter(self.weights))]
         point = stable_fraction(f"{self.name}:{user_id}") if user_id else random.random()

@@ -151,7 +151,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     for status, description in {
         400: "Malformed JSON.",
         401: "API key missing.",
-        403: "API key not accepted.",
+        403: "API key not accepted, or a version that takes no traffic.",
         404: "Unknown model or version.",
         413: "Batch or body over the limit.",
         422: "Invalid features: the details name each field.",

@@ -78,6 +78,13 @@ class Settings(BaseSettings):
         ),
     )
     default_model: str | None = Field(None, description="Model used by /v1/predict; default: the only or first model.")
+    version_override: Literal["serving", "loaded"] = Field(
+        "serving",
+        description=(
+            "Versions a client may choose (X-Model-Version, /versions/{v}/ routes): serving: only those with "
+            "a weight above 0; loaded: any loaded version, shadow and weight-0 ones included."
+        ),
+    )
     engine: Literal["auto", "onnx", "sklearn"] = Field(
         "auto", description="auto: ONNX Runtime when the package holds a verified model.onnx, else scikit-learn."
     )
@@ -116,6 +123,20 @@ class Settings(BaseSettings):
     api_key_hashes: CsvList = Field(
         default_factory=list,
         description="SHA-256 hex digests of accepted X-API-Key values; empty means no key is required.",
+    )
+    api_key_failure_limit: str = Field(
+        "10/minute",
+        description=(
+            "Wrong X-API-Key values a client (address) may send per window; over it, every request of that "
+            "client that needs a key gets 429 until the window ends, a right key included."
+        ),
+    )
+    docs: Literal["on", "off"] = Field(
+        "on",
+        description=(
+            "Serve /openapi.json, /docs and /redoc (every feature, with its reference mean as the example); "
+            "with MLAPI_API_KEY_HASHES set they need the X-API-Key header too."
+        ),
     )
     cors_origins: CsvList = Field(default_factory=list, description="Allowed CORS origins; empty: CORS off.")
     trusted_hosts: CsvList = Field(default_factory=list, description="Allowed Host headers; empty: any.")
@@ -184,7 +205,7 @@ class Settings(BaseSettings):
                 )
         return v
 
-    @field_validator("rate_limit_predict", "rate_limit_default")
+    @field_validator("rate_limit_predict", "rate_limit_default", "api_key_failure_limit")
     @classmethod
     def _rate(cls, v: str) -> str:
         from limits import parse_many

@@ -8,6 +8,7 @@ Errors are ``{"error": "..."}`` as the protocol asks.
 """
 
 import functools
+import math
 from typing import Any, Literal
 
 import numpy as np
@@ -85,7 +86,10 @@ class InferenceResponse(BaseModel):
 
 V2_ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": V2Error, "description": "Invalid inference request."},
+    401: {"model": V2Error, "description": "API key missing."},
+    403: {"model": V2Error, "description": "API key not accepted, or a version that takes no traffic."},
     404: {"model": V2Error, "description": "Unknown model or version."},
+    413: {"model": V2Error, "description": "More rows than MLAPI_MAX_BATCH_SIZE, or a body over the limit."},
     429: {"model": V2Error, "description": "Rate limit exceeded."},
 }
 
@@ -106,45 +110,77 @@ def _only_numbers(data: list[Any]) -> bool:
     return True
 
 
+def _count_values(data: list[Any]) -> int:
+    """Values in ``data`` at any nesting; a flat list (the protocol's form) is counted without a walk."""
+    if not any(isinstance(value, list) for value in data[:1]):
+        return len(data)
+    count, pending = 0, [data]
+    while pending:
+        for value in pending.pop():
+            if isinstance(value, list):
+                pending.append(value)
+            else:
+                count += 1
+    return count
+
+
+def _declared_rows(tensors: list[RequestInput], names: list[str]) -> int:
+    """The rows the request declares, from the shapes alone; 400 for a shape that cannot fit the model."""
+    k = len(names)
+    for t in tensors:
+        if any(d < 0 for d in t.shape):
+            raise _bad(f"input {t.name!r}: shape {t.shape} has a negative dimension; give the row and column counts")
+    if len(tensors) == 1 and tensors[0].name not in names:
+        t = tensors[0]
+        shape = t.shape if len(t.shape) == 2 else [1, t.shape[0]]
+        if shape[1] != k:
+            raise _bad(f"input {t.name!r}: expected shape [n, {k}] with features in the order {names}, got {t.shape}")
+        return shape[0]
+    by_name = {t.name: t for t in tensors}
+    unknown = sorted(set(by_name) - set(names))
+    missing = [n for n in names if n not in by_name]
+    if unknown or missing:
+        raise _bad(
+            f"inputs must be one [n, {k}] tensor or one tensor per feature {names}; "
+            f"unknown: {unknown}, missing: {missing}"
+        )
+    for t in tensors:
+        if len(t.shape) == 2 and t.shape[1] != 1:
+            raise _bad(f"input {t.name!r}: a tensor for one feature has shape [n] or [n, 1], got {t.shape}")
+    rows = {t.shape[0] for t in tensors}
+    if len(rows) != 1:
+        raise _bad(f"every feature tensor must hold the same number of rows; got shapes {sorted(rows)}")
+    return rows.pop()
+
+
 def to_matrix(body: InferenceRequest, model: LoadedModel, max_abs: float, max_rows: int) -> np.ndarray:
     names = model.feature_names
     k = len(names)
     tensors = body.inputs
+    # The declared shapes are checked before the data is read or converted: a body of millions of
+    # values over the row limit costs no walk over them and no float64 copy.
+    rows = _declared_rows(tensors, names)
+    if rows > max_rows:
+        raise APIError(413, f"{rows} rows is more than the limit of {max_rows} per request; split the request")
+    if rows == 0:
+        raise _bad("no rows to score")
     for t in tensors:
+        needed = math.prod(t.shape)
+        count = _count_values(t.data)
+        if count != needed:
+            raise _bad(f"input {t.name!r}: shape {t.shape} needs {needed} values, got {count}")
         if not _only_numbers(t.data):
             raise _bad(f"input {t.name!r}: data must be numbers (JSON numbers, not strings, booleans or null)")
     try:
         if len(tensors) == 1 and tensors[0].name not in names:
-            t = tensors[0]
-            arr = np.asarray(t.data, dtype=np.float64).reshape(-1)
-            shape = t.shape if len(t.shape) == 2 else [1, t.shape[0]]
-            if shape[1] != k:
-                raise _bad(f"input {t.name!r}: expected shape [n, {k}] with features in the order {names}, got {t.shape}")
-            if arr.size != shape[0] * shape[1]:
-                raise _bad(f"input {t.name!r}: shape {t.shape} needs {shape[0] * shape[1]} values, got {arr.size}")
-            X = arr.reshape(shape[0], k)
+            X = np.asarray(tensors[0].data, dtype=np.float64).reshape(rows, k)
         else:
             by_name = {t.name: t for t in tensors}
-            unknown = sorted(set(by_name) - set(names))
-            missing = [n for n in names if n not in by_name]
-            if unknown or missing:
-                raise _bad(
-                    f"inputs must be one [n, {k}] tensor or one tensor per feature {names}; "
-                    f"unknown: {unknown}, missing: {missing}"
-                )
-            columns = [np.asarray(by_name[n].data, dtype=np.float64).reshape(-1) for n in names]
-            lengths = {c.size for c in columns}
-            if len(lengths) != 1:
-                raise _bad(f"every feature tensor must hold the same number of rows; got sizes {sorted(lengths)}")
-            X = np.column_stack(columns)
+            X = np.column_stack([np.asarray(by_name[n].data, dtype=np.float64).reshape(-1) for n in names])
     except OverflowError:  # an integer literal beyond float64 (JSON allows any length)
         raise _bad("input data must lie within the range of a 64-bit float") from None
     except (TypeError, ValueError) as exc:
         raise _bad(f"input data must be numbers: {exc}") from None
-    if X.shape[0] == 0:
-        raise _bad("no rows to score")
-    if X.shape[0] > max_rows:
-        raise APIError(413, f"{X.shape[0]} rows is more than the limit of {max_rows} per request")
     if not np.isfinite(X).all():
         raise _bad("input data must be finite numbers (no NaN or Infinity)")
     if (np.abs(X) > max_abs).any():
@@ -194,7 +230,9 @@ def build_router(settings: Settings, limiter: Limiter) -> APIRouter:
     def lookup(registry: ModelRegistry, name: str, version: str | None) -> tuple[ServedModel, LoadedModel]:
         try:
             served = registry.get(name)
-            return served, served.choose(override=version or served.default_version)
+            return served, served.choose(
+                override=version or served.default_version, overrides=settings.version_override
+            )
         except UnknownModel as exc:
             raise APIError(404, str(exc)) from None
 
@@ -229,13 +267,8 @@ def build_router(settings: Settings, limiter: Limiter) -> APIRouter:
         name: str,
         version: str | None = None,
     ) -> FastJSONResponse:
-        try:
-            served = registry.get(name)
-        except UnknownModel as exc:
-            raise APIError(404, str(exc)) from None
-        if version is not None and version not in served.versions:
-            raise APIError(404, f"model {name!r} has no loaded version {version!r}; loaded: {sorted(served.versions)}")
-        reference = served.versions[version or served.default_version]
+        # The version is checked before the body: a refused version costs no decoding.
+        served, reference = lookup(registry, name, version)
         X = to_matrix(body, reference, settings.max_abs_value, settings.max_batch_size)
         user = request.headers.get("x-user-id")
         scored = score(registry, served, X, user_id=user, version=version, state=request.state)

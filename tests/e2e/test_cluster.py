@@ -49,7 +49,7 @@ class Cluster:
         assert self.first.returncode == 0, f"site.yml failed (log: {self.first.log}):\n{self.first.tail()}"
 
     def upstreams_of(self, marker: str) -> list[str]:
-        """The upstream address of every request whose request ID starts with marker, from the lb's log."""
+        """The upstream address of every request whose client request ID starts with marker, from the lb's log."""
         log = self.sandbox.ssh(self.lb, f"grep -F {marker} {ACCESS_LOG}", check=True).stdout
         return [json.loads(line)["upstream_addr"] for line in log.splitlines()]
 

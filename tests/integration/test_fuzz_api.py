@@ -248,7 +248,7 @@ def test_body_over_the_size_limit_gets_413_from_the_edge(edge):
     entries: list[dict] = []
 
     def logged() -> bool:
-        entries[:] = [e for e in map(json.loads, edge.log_lines()) if e["request_id"] == "over-size-1"]
+        entries[:] = [e for e in map(json.loads, edge.log_lines()) if e["client_request_id"] == "over-size-1"]
         return bool(entries)
 
     wait_until(logged, "the edge's access log line of the oversized request")

@@ -33,7 +33,7 @@ RATE_LIMIT_RPS = 1
 RATE_LIMIT_BURST = 5
 METRICS_CLIENT = "127.0.0.3"  # the only address allowed to read /metrics here (not 127.0.0.1)
 LOG_FIELDS = {
-    "time", "request_id", "remote_addr", "method", "uri", "protocol", "status", "body_bytes_sent",
+    "time", "request_id", "client_request_id", "remote_addr", "method", "uri", "protocol", "status", "body_bytes_sent",
     "request_time", "upstream_addr", "upstream_status", "upstream_response_time", "ssl_protocol",
     "ssl_cipher", "http_user_agent", "host",
 }
@@ -79,17 +79,34 @@ def rate_limited_response(edge, source):
     raise AssertionError(f"no refusal after {RATE_LIMIT_BURST + 40} requests at {RATE_LIMIT_RPS} r/s")
 
 
-def log_entry(edge, request_id):
-    """The request's access log line. NGINX writes it after the response (for a refused body,
-    after the client has gone), so it is polled for, a bounded number of times."""
+def log_entries(edge, value, field="request_id", count=1):
+    """The access log lines whose ``field`` is ``value``, once there are ``count`` of them. NGINX writes a
+    line after the response (for a refused body, after the client has gone), so they are polled for, a
+    bounded number of times."""
     matches = []
 
     def logged():
-        matches[:] = [e for e in map(json.loads, edge.log_lines()) if e["request_id"] == request_id]
-        return bool(matches)
+        matches[:] = [e for e in map(json.loads, edge.log_lines()) if e[field] == value]
+        return len(matches) >= count
 
-    wait_until(logged, f"an access log line with request_id {request_id}")
-    return matches[-1]
+    wait_until(logged, f"{count} access log line(s) with {field} {value}")
+    return matches
+
+
+def log_entry(edge, value, field="request_id"):
+    return log_entries(edge, value, field)[-1]
+
+
+def service_log_entries(edge, client_request_id):
+    """The services' access log lines for one client request id (each instance writes its own log)."""
+    entries = []
+    for log in sorted(edge.prefix.parent.glob("gunicorn-*/gunicorn.log")):
+        for line in log.read_text().splitlines():
+            if f'"{client_request_id}"' in line:
+                entry = json.loads(line)
+                if entry.get("logger") == "mlapi.access" and entry.get("client_request_id") == client_request_id:
+                    entries.append(entry)
+    return entries
 
 
 # Port 80 ----------------------------------------------------------------------------------
@@ -199,16 +216,39 @@ def test_request_id_is_generated_and_forwarded(edge, source):
     assert log_entry(edge, generated)["upstream_status"] == "200"
 
 
-def test_client_request_id_is_honoured(edge, source):
+def test_client_request_id_is_kept_beside_the_edge_id(edge, source):
     response = edge.predict(source=source, headers={"X-Request-ID": "client-id.42"})
-    assert response.headers.get_all("X-Request-ID") == ["client-id.42"]
-    assert response.json()["request_id"] == "client-id.42"
+    edge_id = response.headers["X-Request-ID"]
+    assert re.fullmatch(r"[0-9a-f]{32}", edge_id)
+    assert response.headers.get_all("X-Client-Request-ID") == ["client-id.42"]
+    assert response.json()["request_id"] == edge_id
+    assert log_entry(edge, edge_id)["client_request_id"] == "client-id.42"
 
 
-def test_unsafe_client_request_id_is_replaced(edge, source):
-    response = edge.predict(source=source, headers={"X-Request-ID": 'bad"id'})
+def test_two_clients_sending_the_same_request_id_never_share_a_log_key(edge, source):
+    ids = {edge.predict(source=source, headers={"X-Request-ID": "same-id.7"}).headers["X-Request-ID"]
+           for _ in range(2)}
+    assert len(ids) == 2
+    edge_logged = {e["request_id"] for e in log_entries(edge, "same-id.7", "client_request_id", count=2)}
+    service_logged: set = set()
+
+    def in_service_logs() -> bool:
+        service_logged.update(e["request_id"] for e in service_log_entries(edge, "same-id.7"))
+        return len(service_logged) >= 2
+
+    wait_until(in_service_logs, "both requests in the services' access logs")
+    assert edge_logged == service_logged == ids
+
+
+@pytest.mark.parametrize(
+    "headers", [{"X-Request-ID": 'bad"id'}, {"X-Client-Request-ID": "forged"}], ids=["unsafe", "client-sent-header"]
+)
+def test_no_client_request_id_is_kept_unless_a_plain_one_was_sent(edge, source, headers):
+    response = edge.predict(source=source, headers=headers)
     assert re.fullmatch(r"[0-9a-f]{32}", response.headers["X-Request-ID"])
     assert response.json()["request_id"] == response.headers["X-Request-ID"]
+    assert "X-Client-Request-ID" not in response.headers
+    assert log_entry(edge, response.headers["X-Request-ID"])["client_request_id"] == ""
 
 
 # Limits -----------------------------------------------------------------------------------
@@ -253,8 +293,9 @@ def test_body_over_the_limit_gets_413_json_without_reaching_the_service(edge, so
     response = oversized_request(edge, source, request_id="too-large-1")
     assert response.status == 413
     assert response.json()["error"]["code"] == "payload_too_large"
-    assert response.json()["error"]["request_id"] == "too-large-1"
-    assert log_entry(edge, "too-large-1")["upstream_addr"] in ("", "-")
+    assert response.json()["error"]["request_id"] == response.headers["X-Request-ID"]
+    assert response.headers["X-Client-Request-ID"] == "too-large-1"
+    assert log_entry(edge, "too-large-1", "client_request_id")["upstream_addr"] in ("", "-")
 
 
 def test_metrics_are_forbidden_to_other_addresses(edge):
@@ -276,7 +317,7 @@ def test_metrics_are_served_to_an_allowed_address(edge):
 def test_every_access_log_line_is_json_with_the_required_fields(edge, source):
     edge.http("GET", "/")
     edge.predict(source=source, headers={"X-Request-ID": "logged-1"})
-    entry = log_entry(edge, "logged-1")
+    entry = log_entry(edge, "logged-1", "client_request_id")
     for line in edge.log_lines():
         fields = set(json.loads(line))
         assert LOG_FIELDS <= fields, f"missing {LOG_FIELDS - fields} in {line}"

@@ -70,7 +70,8 @@ def test_no_live_instance_gets_502_json_with_security_headers(cluster, stop):
     assert response.json()["error"] == {
         "code": "bad_gateway",
         "message": response.json()["error"]["message"],
-        "request_id": "all-down-1",
+        "request_id": response.headers["X-Request-ID"],
         "details": [],
     }
+    assert response.headers["X-Client-Request-ID"] == "all-down-1"
     assert response.headers.get_all("Strict-Transport-Security") == ["max-age=63072000"]

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 
 import pytest
 
-from tests.unit.conftest import IRIS_ROW
+from tests.unit.conftest import IRIS_ROW, TestClient
 
 PREDICT = "/v1/predict"
 
@@ -41,15 +43,45 @@ def test_predict_accepts_an_ordered_list(client):
     assert by_list["probabilities"] == by_name["probabilities"]
 
 
-def test_incoming_request_id_is_honoured(client):
+def test_a_client_request_id_is_kept_beside_the_service_id(client):
     r = client.post(PREDICT, json={"features": IRIS_ROW}, headers={"X-Request-ID": "abc-123"})
-    assert r.headers["x-request-id"] == "abc-123"
-    assert r.json()["request_id"] == "abc-123"
+    assert r.headers["x-client-request-id"] == "abc-123"
+    assert re.fullmatch(r"[0-9a-f]{32}", r.headers["x-request-id"])
+    assert r.json()["request_id"] == r.headers["x-request-id"]
 
 
-def test_invalid_incoming_request_id_is_replaced(client):
+def test_two_clients_sending_the_same_request_id_get_distinct_ids_in_the_log(make_client, demo_models, capsys):
+    with make_client(demo_models) as c:  # its log handlers write to this test's captured output
+        ids = {c.post(PREDICT, json={"features": IRIS_ROW}, headers={"X-Request-ID": "same-id"}).json()["request_id"]
+               for _ in range(2)}
+    logged = [json.loads(line) for line in capsys.readouterr().out.splitlines() if '"same-id"' in line]
+    assert len(ids) == 2
+    assert {(e["request_id"], e["client_request_id"]) for e in logged} == {(i, "same-id") for i in ids}
+
+
+@pytest.mark.parametrize(
+    ("headers", "request_id", "client_request_id"),
+    [
+        ({"X-Request-ID": "edge-1", "X-Client-Request-ID": "theirs-1"}, "edge-1", "theirs-1"),
+        ({"X-Request-ID": "edge-2"}, "edge-2", None),
+    ],
+    ids=["with-the-client-id", "without"],
+)
+def test_a_trusted_proxy_sends_the_request_id_and_the_client_id(client, headers, request_id, client_request_id):
+    proxied = TestClient(client.app, client=("127.0.0.1", 40000))  # in MLAPI_TRUSTED_PROXIES by default
+    r = proxied.post(PREDICT, json={"features": IRIS_ROW}, headers=headers)
+    assert (r.headers["x-request-id"], r.json()["request_id"]) == (request_id, request_id)
+    assert r.headers.get("x-client-request-id") == client_request_id
+
+
+def test_an_untrusted_client_cannot_set_the_client_id_header(client):
+    r = client.post(PREDICT, json={"features": IRIS_ROW}, headers={"X-Client-Request-ID": "forged"})
+    assert "x-client-request-id" not in r.headers
+
+
+def test_invalid_incoming_request_id_is_dropped(client):
     r = client.post(PREDICT, json={"features": IRIS_ROW}, headers={"X-Request-ID": "bad id with spaces"})
-    assert r.headers["x-request-id"] != "bad id with spaces"
+    assert "x-client-request-id" not in r.headers
     assert len(r.headers["x-request-id"]) == 32
 
 
@@ -296,3 +328,30 @@ def test_drift_is_scored_against_the_reference_and_exported(client):
     assert "sepal_length" in drift["drifted"]
     text = client.get("/metrics").text
     assert metric(text, "mlapi_feature_drift_psi", model="iris", version="1", feature="sepal_length") >= 0.2
+
+
+DOC_ROUTES = ["/openapi.json", "/docs", "/redoc"]
+DOCS_KEY = "docs-key-for-tests"
+DOCS_KEY_HASH = hashlib.sha256(DOCS_KEY.encode()).hexdigest()
+
+
+@pytest.mark.parametrize("path", DOC_ROUTES)
+def test_docs_need_the_api_key_when_keys_are_required(make_client, demo_models, path):
+    with make_client(demo_models, api_key_hashes=[DOCS_KEY_HASH]) as c:
+        statuses = (c.get(path).status_code, c.get(path, headers={"X-API-Key": DOCS_KEY}).status_code)
+    assert statuses == (401, 200)
+
+
+@pytest.mark.parametrize("path", DOC_ROUTES)
+def test_docs_are_gone_when_turned_off(make_client, demo_models, path):
+    with make_client(demo_models, docs="off") as c:
+        r = c.get(path)
+    assert r.status_code == 404
+    assert_error_shape(r.json(), "not_found")
+    assert "see /docs" not in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/readyz", "/metrics"])
+def test_health_and_metrics_need_no_key_when_keys_are_required(make_client, demo_models, path):
+    with make_client(demo_models, api_key_hashes=[DOCS_KEY_HASH]) as c:
+        assert c.get(path).status_code == 200

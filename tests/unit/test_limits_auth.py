@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from tests.unit.conftest import IRIS_ROW, metric
+from tests.unit.conftest import IRIS_ROW, TestClient, metric
 
 KEY = "s3cret-key-for-tests"
 KEY_HASH = hashlib.sha256(KEY.encode()).hexdigest()
@@ -76,6 +76,58 @@ def test_right_api_key_is_accepted_and_never_logged(make_client, demo_models, ca
     out = capsys.readouterr()
     assert KEY not in out.out + out.err
     assert any(json.loads(l).get("path") == "/v1/predict" for l in out.out.splitlines() if l.startswith("{"))
+
+
+FAILURES = 3
+
+
+def _wrong_keys_until_blocked(c) -> list[int]:
+    """FAILURES wrong keys from one client, then one more request."""
+    return [c.post("/v1/predict", json={"features": IRIS_ROW}, headers={"X-API-Key": "guess"}).status_code
+            for _ in range(FAILURES + 1)]
+
+
+@pytest.mark.parametrize("limits_on", [True, False], ids=["limits-on", "limits-off"])
+def test_wrong_keys_over_the_failure_limit_get_429_with_retry_after(make_client, demo_models, limits_on):
+    with make_client(demo_models, api_key_hashes=[KEY_HASH], api_key_failure_limit=f"{FAILURES}/minute",
+                     rate_limit_enabled=limits_on) as c:
+        statuses = _wrong_keys_until_blocked(c)
+        refused = c.post("/v1/predict", json={"features": IRIS_ROW}, headers={"X-API-Key": "guess"})
+    assert statuses == [403] * FAILURES + [429]
+    assert refused.json()["error"]["code"] == "rate_limited"
+    assert "MLAPI_API_KEY_FAILURE_LIMIT" in refused.json()["error"]["message"]
+    assert int(refused.headers["retry-after"]) >= 1
+
+
+@pytest.mark.parametrize(
+    "path,body",
+    [("/v1/predict", {"features": IRIS_ROW}), ("/v1/predict", {"features": {"sepal_length": "x"}}),
+     ("/v2/models/iris/infer", {"inputs": []})],
+    ids=["v1", "v1-invalid-body", "v2-invalid-body"],
+)
+def test_a_right_key_is_refused_too_while_its_client_is_blocked(make_client, demo_models, path, body):
+    """Answering a right key during the block would tell a guess from a miss."""
+    with make_client(demo_models, api_key_hashes=[KEY_HASH], api_key_failure_limit=f"{FAILURES}/minute") as c:
+        _wrong_keys_until_blocked(c)
+        r = c.post(path, json=body, headers={"X-API-Key": KEY})
+    assert r.status_code == 429
+
+
+def test_a_blocked_client_does_not_block_another_address(make_client, demo_models):
+    with make_client(demo_models, api_key_hashes=[KEY_HASH], api_key_failure_limit=f"{FAILURES}/minute") as c:
+        _wrong_keys_until_blocked(c)
+        other = TestClient(c.app, client=("192.0.2.7", 40000))
+        r = other.post("/v1/predict", json={"features": IRIS_ROW}, headers={"X-API-Key": KEY})
+    assert r.status_code == 200
+
+
+def test_failed_key_refusals_are_counted_in_the_rate_limit_metric(make_client, demo_models):
+    with make_client(demo_models, api_key_hashes=[KEY_HASH], api_key_failure_limit=f"{FAILURES}/minute") as c:
+        before = metric(c.get("/metrics").text, "mlapi_rate_limited_total", route="/v1/predict")
+        _wrong_keys_until_blocked(c)
+        c.post("/v1/predict", json={"features": IRIS_ROW}, headers={"X-API-Key": "guess"})
+        after = metric(c.get("/metrics").text, "mlapi_rate_limited_total", route="/v1/predict")
+    assert after - before == 2
 
 
 def test_limits_are_per_api_key(make_client, demo_models):

@@ -76,7 +76,7 @@ def test_same_user_always_gets_the_same_version(make_client, two_versions):
 
 @pytest.mark.parametrize("via", ["path", "header"])
 def test_explicit_version_overrides_the_weights(make_client, two_versions, via):
-    routes = {"iris": {"versions": {"1": 100, "2": 0}, "shadow": None}}
+    routes = {"iris": {"versions": {"1": 99, "2": 1}, "shadow": None}}
     with make_client(two_versions, models=routes) as c:
         if via == "path":
             r = c.post("/v1/models/iris/versions/2/predict", json={"features": IRIS_ROW})
@@ -84,6 +84,49 @@ def test_explicit_version_overrides_the_weights(make_client, two_versions, via):
             r = c.post("/v1/predict", json={"features": IRIS_ROW}, headers={"X-Model-Version": "2"})
     assert r.status_code == 200
     assert r.json()["version"] == "2"
+
+
+STAGED = {
+    "weight-0": ({"iris": {"versions": {"1": 100, "2": 0}}}, "its weight is 0"),
+    "shadow": ({"iris": {"versions": {"1": 100}, "shadow": "2"}}, "it is the shadow version"),
+}
+V2_BODY = {"inputs": [{"name": "input-0", "shape": [1, 4], "datatype": "FP64", "data": [5.1, 3.5, 1.4, 0.2]}]}
+CHOICES = {
+    "v1-path": ("POST", "/v1/models/iris/versions/2/predict", {"features": IRIS_ROW}, {}),
+    "v1-batch-path": ("POST", "/v1/models/iris/versions/2/predict/batch", {"instances": [IRIS_ROW]}, {}),
+    "v1-header": ("POST", "/v1/predict", {"features": IRIS_ROW}, {"X-Model-Version": "2"}),
+    "v2-infer": ("POST", "/v2/models/iris/versions/2/infer", V2_BODY, {}),
+    "v2-metadata": ("GET", "/v2/models/iris/versions/2", None, {}),
+}
+
+
+def _error_message(response) -> str:
+    error = response.json()["error"]
+    return error if isinstance(error, str) else error["message"]
+
+
+@pytest.mark.parametrize("staged", sorted(STAGED))
+@pytest.mark.parametrize("choice", sorted(CHOICES))
+def test_a_version_that_takes_no_traffic_cannot_be_chosen_by_a_client(make_client, two_versions, staged, choice):
+    routes, why = STAGED[staged]
+    method, path, body, headers = CHOICES[choice]
+    with make_client(two_versions, models=routes) as c:
+        r = c.request(method, path, json=body, headers=headers)
+    assert r.status_code == 403
+    message = _error_message(r)
+    assert "'2'" in message and why in message and "MLAPI_VERSION_OVERRIDE=loaded" in message
+
+
+@pytest.mark.parametrize("staged", sorted(STAGED))
+@pytest.mark.parametrize("choice", sorted(CHOICES))
+def test_version_override_loaded_lets_clients_choose_any_loaded_version(make_client, two_versions, staged, choice):
+    routes, _ = STAGED[staged]
+    method, path, body, headers = CHOICES[choice]
+    with make_client(two_versions, models=routes, version_override="loaded") as c:
+        r = c.request(method, path, json=body, headers=headers)
+    assert r.status_code == 200
+    answered = r.json().get("version") or r.json().get("model_version") or r.json()["parameters"]["version"]
+    assert answered == "2"
 
 
 def test_without_routing_the_newest_version_serves(make_client, two_versions):

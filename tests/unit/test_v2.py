@@ -91,3 +91,44 @@ def test_infer_schema_violation_is_422_with_a_string_error(client):
     r = client.post("/v2/models/iris/infer", json={"inputs": [{"name": "x"}]})
     assert r.status_code == 422
     assert isinstance(r.json()["error"], str) and "inputs" in r.json()["error"]
+
+
+
+MAX_ROWS = 2
+OVER = MAX_ROWS + 1
+
+
+def _infer_with_row_limit(make_client, demo_models, inputs):
+    with make_client(demo_models, max_batch_size=MAX_ROWS) as c:
+        return c.post("/v2/models/iris/infer", json={"inputs": inputs})
+
+
+@pytest.mark.parametrize(
+    "inputs",
+    [
+        [tensor(["x"] * 4 * OVER, [OVER, 4])],
+        [tensor(ROW, [OVER, 4])],
+        [tensor(["x"] * OVER, [OVER], name=n) for n in FEATURES],
+    ],
+    ids=["strings", "too-few-values", "one-tensor-per-feature"],
+)
+def test_declared_rows_over_the_limit_are_413_whatever_the_data(make_client, demo_models, inputs):
+    """The declared shape alone decides: data that would fail its own checks never gets to them."""
+    r = _infer_with_row_limit(make_client, demo_models, inputs)
+    assert r.status_code == 413
+    assert f"{OVER} rows is more than the limit of {MAX_ROWS}" in r.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("inputs", "words"),
+    [
+        ([tensor(ROW + ["x"], [1, 4])], "needs 4 values, got 5"),
+        ([tensor(ROW, [-1, 4])], "negative dimension"),
+        ([tensor([1.0, 2.0], [1, 2], name=n) for n in FEATURES], "shape [n] or [n, 1]"),
+    ],
+    ids=["count-with-a-string", "negative-rows", "feature-tensor-of-two-columns"],
+)
+def test_a_shape_that_cannot_hold_the_data_is_400_before_the_values_are_read(make_client, demo_models, inputs, words):
+    r = _infer_with_row_limit(make_client, demo_models, inputs)
+    assert r.status_code == 400
+    assert words in r.json()["error"]
