@@ -39,7 +39,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from app.drift import reference_statistics
+from app.drift import check_reference, reference_statistics
 from app.engines import Engine, OnnxEngine, SklearnEngine
 
 MANIFEST = "manifest.json"
@@ -124,13 +124,14 @@ class Manifest:
             raise ValueError("features must be a non-empty list")
         parsed = []
         for item in features:
-            if not isinstance(item, dict) or not isinstance(item.get("name"), str):
-                raise ValueError(f"feature entry {item!r} needs a string 'name'")
+            if not isinstance(item, dict) or not isinstance(item.get("name"), str) or not item["name"].strip():
+                raise ValueError(f"feature entry {item!r} needs a non-empty string 'name'")
             if item.get("type", "float") not in FEATURE_TYPES:
                 raise ValueError(f"feature {item['name']!r} has type {item.get('type')!r}, expected float or int")
             parsed.append(Feature(item["name"], item.get("type", "float")))
-        if len({f.name for f in parsed}) != len(parsed):
-            raise ValueError("feature names are not unique")
+        repeated = sorted({f.name for f in parsed if [g.name for g in parsed].count(f.name) > 1})
+        if repeated:
+            raise ValueError(f"feature names are not unique: {repeated} appear more than once")
         classes = data.get("classes")
         if data["task"] == "classifier" and (not isinstance(classes, list) or len(classes) < 2):
             raise ValueError("a classifier needs a list of at least two classes")
@@ -140,6 +141,7 @@ class Manifest:
         for key in ("sklearn", "numpy"):
             if not isinstance(data["versions"].get(key), str):
                 raise ValueError(f"versions.{key} is missing")
+        check_reference(data["reference"], [f.name for f in parsed])
         return cls(
             name=str(data["name"]),
             version=str(data["version"]),
