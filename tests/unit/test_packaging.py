@@ -20,6 +20,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.neighbors import KNeighborsClassifier
 
 from app.packaging import Manifest, PackageError, build_package, discover, load_package
+from tests.model_packages import broken_tags_package
 
 ROOT = Path(__file__).resolve().parents[2]
 IRIS_FEATURES = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
@@ -265,6 +266,13 @@ def test_feature_names_must_be_unique_non_empty_strings(package: Path, names: li
     data["reference"] = {n: data["reference"][IRIS_FEATURES[0]] for n in names}
     _write_manifest(package, data)
     assert problem in str(_refused(package, "manifest"))
+
+
+def test_an_exception_no_check_anticipates_is_the_refusal_of_the_stage_it_came_from(package: Path, models_copy: Path):
+    broken = broken_tags_package(package, models_copy, "2")
+    error = _refused(broken, "estimator")
+    assert "RuntimeError: tags unavailable" in str(error)
+    assert "rebuild the package with scripts/package_model.py" in str(error)
 
 
 def test_a_tampered_model_file_is_refused_before_unpickling(package: Path):
