@@ -26,6 +26,7 @@ from app.packaging import Manifest, PackageError, discover
 from app.registry import ModelRegistry, _version_key
 from app.responses import FastJSONResponse
 from app.routes import health, models, predict, v2
+from app.schemas import request_models
 from app.security import rate_limit_key
 from app.settings import Settings, get_settings
 
@@ -36,9 +37,9 @@ def route_manifests(settings: Settings) -> dict[str, Manifest]:
     """The newest valid manifest of each model: it shapes the request schema of that model's routes.
 
     Only manifest.json is read here (no unpickling); the full gate runs at load.
-    Never raises: a manifest that cannot be read is skipped (the gate refuses
-    its package by name at load), and a models folder that cannot be listed
-    gives no routes (the service stays up, unready).
+    Never raises: a manifest that cannot be read or shaped into a schema is
+    skipped (the gate refuses its package by name at load), and a models folder
+    that cannot be listed gives no routes (the service stays up, unready).
     """
     models_dir = Path(settings.models_dir)
     try:
@@ -54,6 +55,7 @@ def route_manifests(settings: Settings) -> dict[str, Manifest]:
         for version in versions:
             try:
                 manifest = Manifest.from_dict(json.loads((models_dir / name / version / "manifest.json").read_bytes()))
+                request_models(manifest, settings.max_abs_value, settings.max_batch_size)
             except Exception as exc:  # anything: one model's manifest never stops the app from starting
                 log.warning("no routes from this manifest", extra={
                     "model": name, "version": version, "detail": f"{type(exc).__name__}: {exc}"})

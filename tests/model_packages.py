@@ -18,6 +18,8 @@ import numpy as np
 from sklearn.datasets import load_iris
 from sklearn.linear_model import LogisticRegression
 
+from app.packaging import build_package
+
 MODEL_JOBLIB = "model.joblib"
 MANIFEST = "manifest.json"
 
@@ -103,6 +105,19 @@ def drop_the_bin_edges(package: Path) -> None:
     first = data["features"][0]["name"]
     data["reference"][first].pop("bin_edges")
     write_manifest(package, data)
+
+
+# Column names a request schema cannot use as attribute names: pydantic's own, and ones that are no identifier.
+ODD_FEATURES = ["model_config", "model_fields", "sepal width", "1st"]
+
+
+def odd_names_package(models_dir: Path, name: str, version: str) -> Path:
+    """An iris classifier whose features carry ODD_FEATURES as names, in the iris order."""
+    iris = load_iris()
+    X, y = iris.data, iris.target_names[iris.target]
+    model = LogisticRegression(max_iter=1000).fit(X, y)
+    return build_package(model, name=name, version=version, models_dir=models_dir, sample=X,
+                         feature_names=ODD_FEATURES)
 
 
 class BrokenTagsClassifier(LogisticRegression):
