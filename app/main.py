@@ -97,6 +97,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.limiter = limiter
 
     manifests = route_manifests(settings)
+    registry.route_features = {name: tuple(m.feature_names) for name, m in manifests.items()}
     default = settings.default_model or next(iter(sorted(manifests)), None)
     app.include_router(health.router)
     app.include_router(predict.build_router(manifests, default, settings, limiter))

@@ -100,6 +100,9 @@ class ModelRegistry:
         self._stamps: dict[tuple[str, str], tuple[int, int, int] | None] = {}
         self.loaded = False
         self.last_error: str | None = None
+        # Feature names each model's /v1 request schema was built with (set by the app): routes are made
+        # once per master, so a version with other features could only be fed columns it does not take.
+        self.route_features: dict[str, tuple[str, ...]] = {}
 
     # ----- loading -------------------------------------------------------
     def load(self) -> dict[str, ServedModel]:
@@ -171,6 +174,15 @@ class ModelRegistry:
         if old is not None and stamp is not None and self._stamps.get((name, version)) == stamp:
             return old  # unchanged on disk: keep the loaded object (and its shared memory)
         model = load_package(path, engine=self.settings.engine, onnx_threads=self.settings.onnx_threads)
+        routed = self.route_features.get(name)
+        if routed is not None and tuple(model.feature_names) != routed:
+            raise PackageError(
+                path,
+                "features",
+                f"it takes the features {model.feature_names}, but the running service's routes validate "
+                f"requests for {list(routed)}",
+                "restart the service (systemctl restart, not reload) to serve a new feature list",
+            )
         self._stamps[(name, version)] = stamp
         return model
 

@@ -17,13 +17,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.model_packages import copy_as_version, drop_the_bin_edges
+from tests.model_packages import ODD_FEATURES, copy_as_version, drop_the_bin_edges, odd_names_package
 from tests.servers import Gunicorn, gunicorn, wait_for
 from tests.unit.conftest import IRIS_ROW
 
 pytestmark = pytest.mark.integration
 
 SERVICE_USER = "nobody"
+ODD_ROW = dict(zip(ODD_FEATURES, IRIS_ROW.values(), strict=True))
 
 
 @pytest.fixture
@@ -52,10 +53,16 @@ def _without_bin_edges(models: Path) -> Path:
     return target
 
 
+def _odd_names(models: Path) -> Path:
+    return odd_names_package(models, "iris", "2")
+
+
 # How to make a faulty version 2 of iris, and the check that refuses it when it arrives by SIGHUP.
 FAULTS: dict[str, tuple[Callable[[Path], Path], str]] = {
     "version folder unreadable by the service user": (_unreadable, "unreadable"),
     "reference without bin_edges": (_without_bin_edges, "manifest"),
+    # A reload keeps the request schema the master started with, so other features wait for a restart.
+    "a feature named model_config": (_odd_names, "features"),
 }
 
 
@@ -101,6 +108,8 @@ def test_sighup_refuses_a_faulty_new_version_and_the_master_goes_on_serving_the_
 RESTART_SERVES = {
     "version folder unreadable by the service user": ("1", IRIS_ROW),
     "reference without bin_edges": ("1", IRIS_ROW),
+    # At start the routes are made from the newest manifest: the odd names are the request's field names.
+    "a feature named model_config": ("2", ODD_ROW),
 }
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from app.registry import ModelRegistry, pick_weighted, stable_fraction
 from app.settings import Settings
-from tests.model_packages import broken_tags_package, copy_as_version, drop_the_bin_edges
+from tests.model_packages import broken_tags_package, copy_as_version, drop_the_bin_edges, odd_names_package
 from tests.unit.conftest import IRIS_ROW, metric
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -216,3 +216,14 @@ def test_the_service_with_an_unlistable_models_folder_starts_and_says_why_it_is_
     assert live.status_code == 200
     assert ready.status_code == 503
     assert "unreadable" in ready.json()["error"]["message"]
+
+
+def test_a_reload_refuses_a_version_whose_features_differ_from_the_running_routes(models_copy, make_client):
+    with make_client(models_copy) as c:
+        odd_names_package(models_copy, "iris", "2")
+        c.app.state.registry.load()  # what SIGHUP does in the master
+        r = c.post("/v1/predict", json={"features": IRIS_ROW})
+        refused = c.get("/v1/models/iris").json()["refused"]
+    assert (r.status_code, r.json()["version"]) == (200, "1")
+    assert [(f["version"], f["check"]) for f in refused] == [("2", "features")]
+    assert "restart the service" in refused[0]["message"]
