@@ -104,6 +104,21 @@ def test_sighup_refuses_a_faulty_new_version_and_the_master_goes_on_serving_the_
     assert "iris/2" in refusal["detail"]
 
 
+def test_sighup_with_a_model_folder_the_service_user_cannot_list_keeps_its_version_serving(service_models):
+    with gunicorn(_env(service_models), workers=2, user=SERVICE_USER) as server:
+        workers_before = set(_workers(server))
+        (service_models / "iris").chmod(0)
+        server.signal(signal.SIGHUP)
+        wait_for(lambda: any(r["model"] == "iris" for r in _refusals(server)), 60, what="the refusal of iris")
+        wait_for(lambda: len(set(_workers(server)) - workers_before) >= 2, 60, what="2 new workers")
+        response = _predict(server)
+        alive = server.proc.poll() is None
+        refusal = next(r for r in _refusals(server) if r["model"] == "iris")
+    assert alive
+    assert (response.status_code, response.json()["version"], response.json()["prediction"]) == (200, "1", "setosa")
+    assert (refusal["version"], refusal["check"], refusal["kept_serving"]) == (None, "unreadable", True)
+
+
 # A fresh master with the same faulty folder present: it comes up; what it serves, with its expected label.
 RESTART_SERVES = {
     "version folder unreadable by the service user": ("1", IRIS_ROW),
