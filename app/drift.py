@@ -60,6 +60,40 @@ def reference_statistics(X: np.ndarray, feature_names: list[str]) -> dict[str, d
     return reference
 
 
+def _finite_numbers(value: Any) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in value
+    )
+
+
+def check_reference(reference: Any, feature_names: list[str]) -> None:
+    """Raise ValueError naming the feature whose reference statistics DriftMonitor and the gate cannot use.
+
+    Checked when a package is loaded: a broken reference found only at the first
+    prediction would turn every prediction into a 500.
+    """
+    if not isinstance(reference, dict):
+        raise ValueError("reference must be an object with one entry per feature")
+    for name in feature_names:
+        stats = reference.get(name)
+        if not isinstance(stats, dict):
+            raise ValueError(f"reference has no statistics for feature {name!r}")
+        edges, shares, mean = stats.get("bin_edges"), stats.get("proportions"), stats.get("mean")
+        if not _finite_numbers(edges):
+            raise ValueError(f"reference.{name}.bin_edges must be a list of finite numbers")
+        if any(b <= a for a, b in zip(edges, edges[1:])):
+            raise ValueError(f"reference.{name}.bin_edges must be strictly increasing")
+        if not _finite_numbers(shares) or len(shares) != len(edges) + 1:
+            raise ValueError(
+                f"reference.{name}.proportions must be {len(edges) + 1} finite numbers "
+                f"(one more than bin_edges), got {shares!r:.80}"
+            )
+        if any(s < 0 or s > 1 for s in shares) or abs(sum(shares) - 1) > 1e-6:
+            raise ValueError(f"reference.{name}.proportions must be shares between 0 and 1 that sum to 1")
+        if not _finite_numbers([mean]):
+            raise ValueError(f"reference.{name}.mean must be a finite number")
+
+
 def psi(observed: np.ndarray, expected: np.ndarray) -> float:
     observed = np.maximum(observed, PSI_EPSILON)
     expected = np.maximum(expected, PSI_EPSILON)

@@ -27,6 +27,7 @@ from app.ratestore import RateStore
 from app.registry import ModelRegistry, _version_key
 from app.responses import FastJSONResponse
 from app.routes import docs, health, models, predict, v2
+from app.schemas import request_models
 from app.security import rate_limit_key
 from app.settings import Settings, get_settings
 
@@ -34,12 +35,18 @@ log = get_logger("app")
 
 
 def route_manifests(settings: Settings) -> dict[str, Manifest]:
-    """The newest readable manifest of each model: it shapes the request schema of that model's routes.
+    """The newest valid manifest of each model: it shapes the request schema of that model's routes.
 
     Only manifest.json is read here (no unpickling); the full gate runs at load.
+    Never raises: a manifest that cannot be read or shaped into a schema is
+    skipped (the gate refuses its package by name at load), and a models folder
+    that cannot be listed gives no routes (the service stays up, unready).
     """
     models_dir = Path(settings.models_dir)
-    found = discover(models_dir) if models_dir.is_dir() else {}
+    try:
+        found = discover(models_dir)
+    except PackageError:
+        found = {}
     manifests: dict[str, Manifest] = {}
     for name in sorted(set(found) | set(settings.models)):
         versions = sorted(found.get(name, []), key=_version_key, reverse=True)
@@ -48,11 +55,14 @@ def route_manifests(settings: Settings) -> dict[str, Manifest]:
             versions = sorted(route.versions, key=lambda v: -route.versions[v]) + versions
         for version in versions:
             try:
-                data = json.loads((models_dir / name / version / "manifest.json").read_text())
-                manifests[name] = Manifest.from_dict(data)
-                break
-            except (OSError, ValueError, KeyError, TypeError, PackageError):
+                manifest = Manifest.from_dict(json.loads((models_dir / name / version / "manifest.json").read_bytes()))
+                request_models(manifest, settings.max_abs_value, settings.max_batch_size)
+            except Exception as exc:  # anything: one model's manifest never stops the app from starting
+                log.warning("no routes from this manifest", extra={
+                    "model": name, "version": version, "detail": f"{type(exc).__name__}: {exc}"})
                 continue
+            manifests[name] = manifest
+            break
     return manifests
 
 
@@ -95,6 +105,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.rate_store = rate_store
 
     manifests = route_manifests(settings)
+    registry.route_features = {name: tuple(m.feature_names) for name, m in manifests.items()}
     default = settings.default_model or next(iter(sorted(manifests)), None)
     app.include_router(health.router)
     app.include_router(predict.build_router(manifests, default, settings, limiter))

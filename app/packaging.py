@@ -39,7 +39,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from app.drift import reference_statistics
+from app.drift import check_reference, reference_statistics
 from app.engines import Engine, OnnxEngine, SklearnEngine
 
 MANIFEST = "manifest.json"
@@ -124,13 +124,14 @@ class Manifest:
             raise ValueError("features must be a non-empty list")
         parsed = []
         for item in features:
-            if not isinstance(item, dict) or not isinstance(item.get("name"), str):
-                raise ValueError(f"feature entry {item!r} needs a string 'name'")
+            if not isinstance(item, dict) or not isinstance(item.get("name"), str) or not item["name"].strip():
+                raise ValueError(f"feature entry {item!r} needs a non-empty string 'name'")
             if item.get("type", "float") not in FEATURE_TYPES:
                 raise ValueError(f"feature {item['name']!r} has type {item.get('type')!r}, expected float or int")
             parsed.append(Feature(item["name"], item.get("type", "float")))
-        if len({f.name for f in parsed}) != len(parsed):
-            raise ValueError("feature names are not unique")
+        repeated = sorted({f.name for f in parsed if [g.name for g in parsed].count(f.name) > 1})
+        if repeated:
+            raise ValueError(f"feature names are not unique: {repeated} appear more than once")
         classes = data.get("classes")
         if data["task"] == "classifier" and (not isinstance(classes, list) or len(classes) < 2):
             raise ValueError("a classifier needs a list of at least two classes")
@@ -140,6 +141,7 @@ class Manifest:
         for key in ("sklearn", "numpy"):
             if not isinstance(data["versions"].get(key), str):
                 raise ValueError(f"versions.{key} is missing")
+        check_reference(data["reference"], [f.name for f in parsed])
         return cls(
             name=str(data["name"]),
             version=str(data["version"]),
@@ -222,19 +224,62 @@ def _natural_key(text: str) -> list[tuple[int, int | str]]:
     return [(0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", text) if part]
 
 
-def discover(models_dir: Path) -> dict[str, list[str]]:
-    """{name: [versions oldest..newest]} of every folder holding a manifest (natural sort: 2 < 10)."""
+UNREADABLE_REMEDY = "give the service user read access to it (e.g. chmod -R a+rX on the folder), then reload"
+
+
+def discover(models_dir: Path, unlisted: dict[str, PackageError] | None = None) -> dict[str, list[str]]:
+    """{name: [versions oldest..newest]} of every folder holding a manifest (natural sort: 2 < 10).
+
+    A version folder that cannot be looked into is listed, so that loading it
+    refuses it by name (unreadable). A model folder that cannot be listed is
+    left out and reported in ``unlisted``; a models folder that cannot be
+    listed raises PackageError (unreadable).
+    """
     models_dir = Path(models_dir)
     found: dict[str, list[str]] = {}
-    if not models_dir.is_dir():
-        return found
-    for model in sorted(models_dir.iterdir()):
-        if model.name.startswith(".") or not model.is_dir():
+    try:
+        if not models_dir.is_dir():
+            return found
+        models = sorted(models_dir.iterdir())
+    except OSError as exc:
+        # Routes are made from the manifests when the service starts: a reload cannot add them.
+        remedy = "give the service user read access to it (e.g. chmod a+rX on the folder), then restart the service"
+        raise PackageError(models_dir, "unreadable", as_refusal(models_dir, exc).problem, remedy) from None
+    for model in models:
+        try:
+            if model.name.startswith(".") or not model.is_dir():
+                continue
+            versions = [v.name for v in model.iterdir() if not v.name.startswith(".") and _holds_manifest(v)]
+        except OSError as exc:
+            if unlisted is not None:
+                unlisted[model.name] = as_refusal(model, exc)
             continue
-        versions = [v.name for v in model.iterdir() if not v.name.startswith(".") and (v / MANIFEST).is_file()]
         if versions:
             found[model.name] = sorted(versions, key=_natural_key)
     return found
+
+
+def _holds_manifest(folder: Path) -> bool:
+    try:
+        return (folder / MANIFEST).is_file()
+    except PermissionError:
+        return folder.is_dir()  # a package the service user may not read: the gate refuses it by name
+
+
+def as_refusal(path: str | Path, exc: BaseException, check: Check = "unreadable") -> PackageError:
+    """Any exception met while loading a package, as that package's refusal."""
+    if isinstance(exc, PackageError):
+        return exc
+    if isinstance(exc, OSError):
+        where = f": {exc.filename}" if exc.filename else ""
+        return PackageError(path, "unreadable", f"it cannot be read ({exc.strerror or exc}{where})", UNREADABLE_REMEDY)
+    detail = str(exc).splitlines()[0][:300] if str(exc) else ""
+    return PackageError(
+        path,
+        check,
+        f"loading it failed unexpectedly ({type(exc).__name__}: {detail})",
+        "rebuild the package with scripts/package_model.py; if that does not help, report this message",
+    )
 
 
 # ---------------------------------------------------------------- the gate
@@ -246,6 +291,8 @@ def _read_manifest(path: Path) -> Manifest:
         raise PackageError(path, "manifest", "the folder does not exist", "give the path of a <name>/<version> folder")
     try:
         raw = manifest_path.read_bytes()
+    except PermissionError as exc:
+        raise as_refusal(path, exc) from None
     except OSError as exc:
         raise PackageError(
             path, "manifest", f"{MANIFEST} cannot be read ({exc.strerror})", "rebuild it with scripts/package_model.py"
@@ -275,6 +322,8 @@ def _verified_files(path: Path, manifest: Manifest) -> dict[str, bytes]:
             data = (path / filename).read_bytes()
         except FileNotFoundError:
             raise PackageError(path, "sha256", f"{filename} listed in the manifest is missing", remedy) from None
+        except PermissionError as exc:
+            raise as_refusal(path, exc) from None
         except OSError as exc:
             raise PackageError(path, "unreadable", f"{filename} cannot be read ({exc.strerror})", remedy) from None
         actual = _sha256(data)
@@ -393,13 +442,30 @@ def load_package(path: Path, *, engine: str = "auto", onnx_threads: int = 1) -> 
     path = Path(path)
     if engine not in ("auto", "onnx", "sklearn"):
         raise ValueError(f"engine must be auto, onnx or sklearn, not {engine!r}")
-    manifest = _read_manifest(path)
-    contents = _verified_files(path, manifest)  # before anything is unpickled
-    _check_versions(path, manifest)
-    estimator = _unpickle(path, manifest, contents[MODEL_JOBLIB])
-    _check_estimator(path, manifest, estimator)
-    _check_features(path, manifest, estimator)
+    # Whatever a stage raises beyond its own checks is a refusal of that stage, never a crash of the caller.
+    stage: Check = "manifest"
+    try:
+        manifest = _read_manifest(path)
+        stage = "sha256"
+        contents = _verified_files(path, manifest)  # before anything is unpickled
+        stage = "versions"
+        _check_versions(path, manifest)
+        stage = "unreadable"
+        estimator = _unpickle(path, manifest, contents[MODEL_JOBLIB])
+        stage = "estimator"
+        _check_estimator(path, manifest, estimator)
+        stage = "features"
+        _check_features(path, manifest, estimator)
+        stage = "onnx"
+        return _engine(path, manifest, contents, estimator, engine, onnx_threads)
+    except Exception as exc:
+        raise as_refusal(path, exc, stage) from None
 
+
+def _engine(
+    path: Path, manifest: Manifest, contents: dict[str, bytes], estimator: Any, engine: str, onnx_threads: int
+) -> LoadedModel:
+    """The package served by the engine asked for, each engine checked on one row."""
     onnx_kept = bool(manifest.onnx.get("kept"))
     if onnx_kept and MODEL_ONNX not in contents:
         raise PackageError(

@@ -3,7 +3,9 @@
 Loading happens once per gunicorn master before workers fork (so the model's
 memory is shared copy-on-write) and again on SIGHUP. A reload builds a complete
 new table first and only then swaps it in: a package that fails the
-compatibility gate never replaces one that is serving.
+compatibility gate never replaces one that is serving. Whatever goes wrong with
+one package is that package's refusal; loading never raises, because in the
+gunicorn master an exception would stop the service.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from app.drift import DriftMonitor
 from app.errors import APIError
 from app.logs import get_logger
 from app.metrics import MODEL_INFO, MODEL_LOAD_FAILURES
-from app.packaging import LoadedModel, PackageError, discover, load_package
+from app.packaging import LoadedModel, PackageError, as_refusal, discover, load_package
 from app.settings import Settings
 
 log = get_logger("registry")
@@ -118,21 +120,44 @@ class ModelRegistry:
         self._stamps: dict[tuple[str, str], tuple[int, int, int] | None] = {}
         self.loaded = False
         self.last_error: str | None = None
+        # Feature names each model's /v1 request schema was built with (set by the app): routes are made
+        # once per master, so a version with other features could only be fed columns it does not take.
+        self.route_features: dict[str, tuple[str, ...]] = {}
 
     # ----- loading -------------------------------------------------------
     def load(self) -> dict[str, ServedModel]:
-        """Load (or reload) every configured model; keep what serves if a new package fails."""
+        """Load (or reload) every configured model; keep what serves if a new package fails. Never raises."""
+        try:
+            return self._load()
+        except Exception as exc:  # a bug here must not stop the master: keep the table that serves
+            log.exception("model reload failed; the models loaded before keep serving")
+            with self._lock:
+                self.last_error = f"loading the model packages failed ({type(exc).__name__}: {exc})"
+            return self._models
+
+    def _load(self) -> dict[str, ServedModel]:
         models_dir = Path(self.settings.models_dir)
-        available = discover(models_dir) if models_dir.is_dir() else {}
         previous = self._models
+        unlisted: dict[str, PackageError] = {}
+        try:
+            available = discover(models_dir, unlisted)
+        except PackageError as exc:  # the whole folder: nothing can be told apart, so nothing changes
+            self._refused("", "", exc, kept=bool(previous))
+            with self._lock:
+                self.last_error = str(exc)
+            return previous
         new: dict[str, ServedModel] = {}
         errors: list[str] = []
-        names = set(available) | set(self.settings.models)
+        names = set(available) | set(self.settings.models) | set(unlisted)
         for name in sorted(names):
-            served = self._load_model(name, available.get(name, []), previous.get(name))
+            failures: list[dict[str, str]] = []
+            if name in unlisted:
+                served = self._keep_unlisted(name, unlisted[name], previous.get(name), failures)
+            else:
+                served = self._load_model(name, available.get(name, []), previous.get(name), failures)
+            errors.extend(f["message"] for f in failures)
             if served is not None:
                 new[name] = served
-                errors.extend(f["message"] for f in served.failures)
             else:
                 errors.append(f"model {name!r}: no version could be loaded")
         if not names:
@@ -169,25 +194,50 @@ class ModelRegistry:
         if old is not None and stamp is not None and self._stamps.get((name, version)) == stamp:
             return old  # unchanged on disk: keep the loaded object (and its shared memory)
         model = load_package(path, engine=self.settings.engine, onnx_threads=self.settings.onnx_threads)
+        routed = self.route_features.get(name)
+        if routed is not None and tuple(model.feature_names) != routed:
+            raise PackageError(
+                path,
+                "features",
+                f"it takes the features {model.feature_names}, but the running service's routes validate "
+                f"requests for {list(routed)}",
+                "restart the service (systemctl restart, not reload) to serve a new feature list",
+            )
         self._stamps[(name, version)] = stamp
         return model
 
     def _try(self, name: str, version: str, previous: ServedModel | None, failures: list[dict[str, str]]):
         try:
             return self._load_one(name, version, previous)
-        except PackageError as exc:
-            MODEL_LOAD_FAILURES.labels(name, version, exc.check).inc()
-            failures.append({"version": version, "check": exc.check, "message": str(exc)})
+        except Exception as exc:  # PackageError, or anything else: a refusal of this package either way
+            refusal = as_refusal(Path(self.settings.models_dir) / name / version, exc)
+            failures.append({"version": version, "check": refusal.check, "message": str(refusal)})
             kept = previous.versions.get(version) if previous else None
-            log.error(
-                "model package refused",
-                extra={"model": name, "version": version, "check": exc.check, "detail": str(exc),
-                       "kept_serving": kept is not None},
-            )
+            self._refused(name, version, refusal, kept=kept is not None)
             return kept
 
-    def _load_model(self, name: str, versions_on_disk: list[str], previous: ServedModel | None) -> ServedModel | None:
-        failures: list[dict[str, str]] = []
+    @staticmethod
+    def _refused(name: str, version: str, refusal: PackageError, *, kept: bool) -> None:
+        MODEL_LOAD_FAILURES.labels(name, version, refusal.check).inc()
+        log.error(
+            "model package refused",
+            extra={"model": name or None, "version": version or None, "check": refusal.check,
+                   "detail": str(refusal), "kept_serving": kept},
+        )
+
+    def _keep_unlisted(
+        self, name: str, refusal: PackageError, previous: ServedModel | None, failures: list[dict[str, str]]
+    ) -> ServedModel | None:
+        """A model folder that cannot be listed: what served from it goes on serving, refused."""
+        self._refused(name, "", refusal, kept=previous is not None)
+        failures.append({"version": "", "check": refusal.check, "message": str(refusal)})
+        if previous is None:
+            return None
+        return ServedModel(name, previous.versions, previous.weights, previous.shadow, failures)
+
+    def _load_model(
+        self, name: str, versions_on_disk: list[str], previous: ServedModel | None, failures: list[dict[str, str]]
+    ) -> ServedModel | None:
         route = self.settings.models.get(name)
         if route is not None:
             wanted = list(route.versions) + ([route.shadow] if route.shadow else [])

@@ -2,7 +2,9 @@
 
 Request models are built from each model's manifest, so the OpenAPI schema and
 /docs show the real feature names and types, and validation errors name the
-feature that was wrong.
+feature that was wrong. A feature is a field with a safe internal name and the
+feature's name as its alias, so any column name works, even one pydantic
+reserves (``model_config``) or one that is no Python identifier (``sepal width``).
 """
 
 from __future__ import annotations
@@ -37,6 +39,11 @@ def _names(manifest: Manifest) -> list[str]:
     return [f.name for f in manifest.features]
 
 
+def field_names(manifest: Manifest) -> tuple[str, ...]:
+    """The attribute that holds each feature's value in a validated instance, in manifest order."""
+    return tuple(f"feature_{i}" for i in range(len(manifest.features)))
+
+
 def _class_name(model_name: str, suffix: str) -> str:
     words = "".join(ch if ch.isalnum() else " " for ch in model_name).split()
     return "".join(w[:1].upper() + w[1:] for w in words) + suffix
@@ -46,13 +53,15 @@ def feature_model(manifest: Manifest, max_abs: float) -> type[FeaturesBase]:
     """A pydantic model with one strict, finite, bounded number field per feature."""
     fields: dict[str, Any] = {}
     means = {f: (manifest.reference.get(f) or {}).get("mean") for f in _names(manifest)}
-    for feature in manifest.features:
+    for field_name, feature in zip(field_names(manifest), manifest.features, strict=True):
         example = means.get(feature.name)
         number = int if feature.type == "int" else float
-        fields[feature.name] = (
+        fields[field_name] = (
             Annotated[
                 number,
                 Field(
+                    alias=feature.name,
+                    title=feature.name,
                     strict=True,
                     allow_inf_nan=False,
                     ge=-max_abs,

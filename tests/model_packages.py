@@ -14,6 +14,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import joblib
+import numpy as np
+from sklearn.datasets import load_iris
+from sklearn.linear_model import LogisticRegression
+
+from app.packaging import build_package
 
 MODEL_JOBLIB = "model.joblib"
 MANIFEST = "manifest.json"
@@ -91,4 +96,47 @@ def refused_copy(good: Path, models_dir: Path, check: str) -> Path:
     """A copy of the package `good` at <models_dir>/<name>/refused-<check>, spoiled so that `check` refuses it."""
     target = copy_as_version(good, models_dir, f"refused-{check}")
     REFUSED_KINDS[check](target)
+    return target
+
+
+def drop_the_bin_edges(package: Path) -> None:
+    """A manifest whose reference statistics lack the cut points drift scoring needs (a hand-edited manifest)."""
+    data = read_manifest(package)
+    first = data["features"][0]["name"]
+    data["reference"][first].pop("bin_edges")
+    write_manifest(package, data)
+
+
+# Column names a request schema cannot use as attribute names: pydantic's own, and ones that are no identifier.
+ODD_FEATURES = ["model_config", "model_fields", "sepal width", "1st"]
+
+
+def odd_names_package(models_dir: Path, name: str, version: str) -> Path:
+    """An iris classifier whose features carry ODD_FEATURES as names, in the iris order."""
+    iris = load_iris()
+    X, y = iris.data, iris.target_names[iris.target]
+    model = LogisticRegression(max_iter=1000).fit(X, y)
+    return build_package(model, name=name, version=version, models_dir=models_dir, sample=X,
+                         feature_names=ODD_FEATURES)
+
+
+class BrokenTagsClassifier(LogisticRegression):
+    """An estimator whose loading raises what no check of the gate anticipates: its scikit-learn tags fail."""
+
+    tags_broken = False  # set once fitted: fitting reads the tags too
+
+    def __sklearn_tags__(self):  # type: ignore[no-untyped-def]
+        if self.tags_broken:
+            raise RuntimeError("tags unavailable")
+        return super().__sklearn_tags__()
+
+
+def broken_tags_package(good: Path, models_dir: Path, version: str) -> Path:
+    """A copy of the package `good` at <models_dir>/<name>/<version> holding a fitted BrokenTagsClassifier."""
+    X, y = load_iris(return_X_y=True)
+    target = copy_as_version(good, models_dir, version)
+    estimator = BrokenTagsClassifier(max_iter=1000).fit(X, np.asarray(read_manifest(good)["classes"])[y])
+    estimator.tags_broken = True
+    joblib.dump(estimator, target / MODEL_JOBLIB)
+    resign(target)
     return target

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -72,9 +73,15 @@ class Process:
 
 
 class Gunicorn(Process):
-    def __init__(self, env: dict[str, str], port: int | None = None, workers: int = 2):
+    """gunicorn serving the app; with ``user``, the whole server (master included) runs as that user."""
+
+    def __init__(self, env: dict[str, str], port: int | None = None, workers: int = 2, user: str | None = None):
         self.port = port or free_port()
         self.metrics_dir = tempfile.mkdtemp(prefix="mlapi-prom-")
+        as_user: list[str] = []
+        if user is not None:
+            shutil.chown(self.metrics_dir, user)
+            as_user = ["setpriv", f"--reuid={user}", f"--regid={pwd.getpwnam(user).pw_gid}", "--clear-groups"]
         full_env = {
             **os.environ,
             "MLAPI_BIND": f"127.0.0.1:{self.port}",
@@ -83,7 +90,7 @@ class Gunicorn(Process):
             **env,
         }
         super().__init__(
-            [str(VENV_BIN / "gunicorn"), "-c", "app/gunicorn_conf.py", "app.main:create_app()"], env=full_env
+            [*as_user, str(VENV_BIN / "gunicorn"), "-c", "app/gunicorn_conf.py", "app.main:create_app()"], env=full_env
         )
         self.url = f"http://127.0.0.1:{self.port}"
 
@@ -101,8 +108,8 @@ class Gunicorn(Process):
 
 
 @contextmanager
-def gunicorn(env: dict[str, str], workers: int = 2) -> Iterator[Gunicorn]:
-    server = Gunicorn(env, workers=workers)
+def gunicorn(env: dict[str, str], workers: int = 2, user: str | None = None) -> Iterator[Gunicorn]:
+    server = Gunicorn(env, workers=workers, user=user)
     try:
         server.wait_ready()
         yield server

@@ -42,7 +42,7 @@ from app.inference import Scored, score, scores_inline, shadow_score
 from app.packaging import Manifest
 from app.registry import ModelRegistry, UnknownModel
 from app.responses import FastJSONResponse
-from app.schemas import ERROR_RESPONSES, BatchPrediction, Prediction, request_models
+from app.schemas import ERROR_RESPONSES, BatchPrediction, Prediction, field_names, request_models
 from app.security import shared_limit
 from app.settings import Settings
 
@@ -168,7 +168,7 @@ def build_router(manifests: dict[str, Manifest], default: str | None, settings: 
     # The default model's routes first: routes are matched in order, and /v1/predict is the busiest.
     for name, manifest in sorted(manifests.items(), key=lambda item: item[0] != default):
         single_body, batch_body = request_models(manifest, settings.max_abs_value, settings.max_batch_size)
-        names = tuple(f.name for f in manifest.features)
+        names = field_names(manifest)
         for batch, body_type in ((False, single_body), (True, batch_body)):
             suffix = "/predict/batch" if batch else "/predict"
             paths = [f"/models/{name}{suffix}"] + ([f"{suffix}"] if name == default else [])

@@ -19,7 +19,7 @@ IRIS_ROW = {"sepal_length": 5.1, "sepal_width": 3.5, "petal_length": 1.4, "petal
 
 @contextmanager
 def _client(models_dir: Path, **overrides: object) -> Iterator[TestClient]:
-    settings = Settings(models_dir=models_dir, default_model="iris", **overrides)
+    settings = Settings(models_dir=models_dir, **{"default_model": "iris", **overrides})
     with TestClient(create_app(settings)) as client:
         yield client
 

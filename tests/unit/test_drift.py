@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app.drift import DriftMonitor, psi, reference_statistics
+from app.drift import DriftMonitor, check_reference, psi, reference_statistics
 from app.packaging import Feature, Manifest, load_package
 
 FEATURES = ["a", "b"]
@@ -126,3 +126,9 @@ def test_demo_package_reference_works_with_the_monitor(demo_models: Path):
     status = monitor.status()
     assert status["samples"] == 60 and set(status["scores"]) == set(model.feature_names)
     assert status["drifted"]  # sixty copies of one flower are nothing like the validation split
+
+
+def test_the_reference_a_package_records_passes_the_gates_check(rng: np.random.Generator):
+    names = ["spread", "two values", "constant"]
+    sample = np.column_stack([rng.normal(size=200), np.repeat([1.0, 2.0], 100), np.full(200, 3.0)])
+    check_reference(reference_statistics(sample, names), names)

@@ -20,6 +20,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.neighbors import KNeighborsClassifier
 
 from app.packaging import Manifest, PackageError, build_package, discover, load_package
+from tests.model_packages import broken_tags_package
 
 ROOT = Path(__file__).resolve().parents[2]
 IRIS_FEATURES = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
@@ -208,6 +209,70 @@ def test_a_manifest_missing_fields_names_them(package: Path):
     del data["features"]
     _write_manifest(package, data)
     assert "features" in str(_refused(package, "manifest"))
+
+
+def _set(field: str, value):
+    def spoil(stats: dict) -> None:
+        stats[field] = value
+    return spoil
+
+
+# What drift scoring and the gate's smoke score need of each feature's reference, spoiled one way at a time.
+REFERENCE_FAULTS = {
+    "no bin_edges": (lambda stats: stats.pop("bin_edges"), "reference.sepal_length.bin_edges must be a list"),
+    "bin_edges not numbers": (_set("bin_edges", ["4.8", "5.4"]), "reference.sepal_length.bin_edges must be a list"),
+    "NaN in bin_edges": (_set("bin_edges", [float("nan"), 5.0]), "reference.sepal_length.bin_edges must be a list"),
+    "bin_edges decreasing": (_set("bin_edges", [6.0, 5.0]), "bin_edges must be strictly increasing"),
+    "proportions one short": (lambda stats: stats["proportions"].pop(), "proportions must be 10 finite numbers"),
+    "proportions missing": (lambda stats: stats.pop("proportions"), "proportions must be 10 finite numbers"),
+    "proportions not summing to 1": (
+        lambda stats: stats.update(proportions=[0.5] * len(stats["proportions"])), "sum to 1"),
+    "no mean": (lambda stats: stats.pop("mean"), "reference.sepal_length.mean must be a finite number"),
+    "mean a string": (_set("mean", "5.8"), "reference.sepal_length.mean must be a finite number"),
+    "statistics not an object": (lambda stats: stats.clear(), "reference.sepal_length.bin_edges"),
+}
+
+
+@pytest.mark.parametrize("fault", list(REFERENCE_FAULTS))
+def test_a_reference_drift_scoring_cannot_use_is_refused_naming_the_feature(package: Path, fault: str):
+    spoil, problem = REFERENCE_FAULTS[fault]
+    data = _manifest(package)
+    spoil(data["reference"]["sepal_length"])
+    _write_manifest(package, data)
+    message = str(_refused(package, "manifest"))
+    assert problem in message
+    assert "rebuild it with scripts/package_model.py" in message
+
+
+def test_an_empty_reference_is_refused_naming_the_first_feature(package: Path):
+    data = _manifest(package)
+    data["reference"] = {}
+    _write_manifest(package, data)
+    assert "reference has no statistics for feature 'sepal_length'" in str(_refused(package, "manifest"))
+
+
+@pytest.mark.parametrize(
+    ("names", "problem"),
+    [
+        (["sepal_length", "", "petal_length", "petal_width"], "needs a non-empty string 'name'"),
+        (["sepal_length", "   ", "petal_length", "petal_width"], "needs a non-empty string 'name'"),
+        (["sepal_length", "sepal_length", "petal_length", "petal_width"], "['sepal_length'] appear more than once"),
+    ],
+    ids=["empty", "blank", "repeated"],
+)
+def test_feature_names_must_be_unique_non_empty_strings(package: Path, names: list[str], problem: str):
+    data = _manifest(package)
+    data["features"] = [{"name": n, "type": "float"} for n in names]
+    data["reference"] = {n: data["reference"][IRIS_FEATURES[0]] for n in names}
+    _write_manifest(package, data)
+    assert problem in str(_refused(package, "manifest"))
+
+
+def test_an_exception_no_check_anticipates_is_the_refusal_of_the_stage_it_came_from(package: Path, models_copy: Path):
+    broken = broken_tags_package(package, models_copy, "2")
+    error = _refused(broken, "estimator")
+    assert "RuntimeError: tags unavailable" in str(error)
+    assert "rebuild the package with scripts/package_model.py" in str(error)
 
 
 def test_a_tampered_model_file_is_refused_before_unpickling(package: Path):

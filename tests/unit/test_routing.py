@@ -13,6 +13,7 @@ import pytest
 
 from app.registry import ModelRegistry, pick_weighted, stable_fraction
 from app.settings import Settings
+from tests.model_packages import broken_tags_package, copy_as_version, drop_the_bin_edges, odd_names_package
 from tests.unit.conftest import IRIS_ROW, metric
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -197,3 +198,75 @@ def test_load_failures_are_counted_in_metrics(models_copy, make_client):
         after = metric(c.get("/metrics").text, "mlapi_model_load_failures_total", **labels)
         assert c.get("/v1/models/iris").status_code == 404
     assert after - before == 1
+
+
+# ---------------------------------------------------------------- refusals never stop the loading
+
+
+def _without_bin_edges(models: Path) -> None:
+    drop_the_bin_edges(copy_as_version(models / "iris" / "1", models, "2"))
+
+
+def _broken_tags(models: Path) -> None:
+    broken_tags_package(models / "iris" / "1", models, "2")
+
+
+# A faulty iris 2 arriving on a reload, and the check that refuses it.
+RELOAD_FAULTS = {
+    "reference without bin_edges": (_without_bin_edges, "manifest"),
+    "an exception no check anticipates": (_broken_tags, "estimator"),
+}
+
+
+@pytest.mark.parametrize("fault", list(RELOAD_FAULTS))
+def test_a_faulty_new_version_is_refused_on_reload_and_the_old_keeps_serving(models_copy, fault, caplog):
+    make, check = RELOAD_FAULTS[fault]
+    registry = ModelRegistry(Settings(models_dir=models_copy))
+    registry.load()
+    old = registry.get("iris").versions["1"]
+    make(models_copy)
+    registry.load()
+    served = registry.get("iris")
+    refused = [r for r in caplog.records if r.getMessage() == "model package refused"]
+    assert served.versions == {"1": old}
+    assert [(f["version"], f["check"]) for f in served.failures] == [("2", check)]
+    assert [(r.model, r.version, r.check, r.kept_serving) for r in refused] == [("iris", "2", check, False)]
+
+
+def test_an_exception_while_loading_is_counted_as_a_load_failure(models_copy, make_client):
+    labels = {"check": "estimator", "model": "iris", "version": "2"}
+    _broken_tags(models_copy)
+    with make_client(models_copy) as c:
+        text = c.get("/metrics").text
+        served = c.post("/v1/predict", json={"features": IRIS_ROW}).json()["version"]
+    assert metric(text, "mlapi_model_load_failures_total", **labels) >= 1
+    assert served == "1"
+
+
+def test_a_models_folder_that_cannot_be_listed_leaves_the_registry_unready_with_the_reason(tmp_path):
+    models_dir = tmp_path / ("x" * 300)  # longer than a file name may be: listing it fails (ENAMETOOLONG)
+    registry = ModelRegistry(Settings(models_dir=models_dir))
+    assert registry.load() == {}
+    assert registry.loaded is False
+    assert f"model package {models_dir} failed the unreadable check" in registry.last_error
+    assert "then restart the service" in registry.last_error
+
+
+def test_the_service_with_an_unlistable_models_folder_starts_and_says_why_it_is_not_ready(tmp_path, make_client):
+    models_dir = tmp_path / ("x" * 300)
+    with make_client(models_dir) as c:
+        live, ready = c.get("/healthz"), c.get("/readyz")
+    assert live.status_code == 200
+    assert ready.status_code == 503
+    assert "unreadable" in ready.json()["error"]["message"]
+
+
+def test_a_reload_refuses_a_version_whose_features_differ_from_the_running_routes(models_copy, make_client):
+    with make_client(models_copy) as c:
+        odd_names_package(models_copy, "iris", "2")
+        c.app.state.registry.load()  # what SIGHUP does in the master
+        r = c.post("/v1/predict", json={"features": IRIS_ROW})
+        refused = c.get("/v1/models/iris").json()["refused"]
+    assert (r.status_code, r.json()["version"]) == (200, "1")
+    assert [(f["version"], f["check"]) for f in refused] == [("2", "features")]
+    assert "restart the service" in refused[0]["message"]

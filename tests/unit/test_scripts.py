@@ -21,6 +21,7 @@ from sklearn.datasets import load_iris
 from sklearn.linear_model import LogisticRegression
 
 from app.packaging import load_package
+from tests.model_packages import ODD_FEATURES, odd_names_package
 
 ROOT = Path(__file__).resolve().parents[2]
 IRIS_FEATURES = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
@@ -317,3 +318,14 @@ def test_batch_predict_refuses_a_package_that_fails_the_gate(models_copy, iris_c
     code, stderr = _main(batch_predict, capsys, "--package", package, "--input", iris_csv, "--output", output)
     assert code == 1 and "failed the sha256 check" in stderr
     assert not output.exists()
+
+
+def test_batch_predict_scores_features_named_like_pydantic_attributes(tmp_path: Path):
+    package = odd_names_package(tmp_path / "models", "odd", "1")
+    X = load_iris().data
+    source = _write_csv(tmp_path / "in.csv", ODD_FEATURES, X.tolist())
+    output = tmp_path / "out.csv"
+    result = _run("batch_predict.py", "--package", package, "--input", source, "--output", output)
+    assert result.returncode == 0, result.stderr
+    labels, _ = load_package(package).score(X)
+    assert [r["prediction"] for r in _read_csv(output)] == labels.tolist()
