@@ -1,0 +1,55 @@
+"""The kit's monitoring files as tests read them: the alert rules, promtool, the metric names the service
+exports."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+MONITORING_DIR = ROOT / "deploy" / "monitoring"
+ALERT_RULES = MONITORING_DIR / "alerts.yml"
+
+_MLAPI_METRIC = re.compile(r"\bmlapi_[a-z_]+\b")
+
+
+def promtool(*args: str | Path, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    """promtool from the distribution's prometheus package (scripts/setup-host.sh installs it)."""
+    binary = shutil.which("promtool")
+    assert binary, "promtool is missing: run scripts/setup-host.sh (Debian package prometheus)"
+    return subprocess.run([binary, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def alert_rules() -> list[dict[str, Any]]:
+    """Every alerting rule of deploy/monitoring/alerts.yml."""
+    groups = yaml.safe_load(ALERT_RULES.read_text())["groups"]
+    return [rule for group in groups for rule in group["rules"] if "alert" in rule]
+
+
+def mlapi_metrics_in(expression: str) -> set[str]:
+    return set(_MLAPI_METRIC.findall(expression))
+
+
+def exported_metric_names() -> set[str]:
+    """The sample names app/metrics.py exports, as Prometheus stores them (counters with _total,
+    histograms with _bucket, _sum and _count)."""
+    from prometheus_client.metrics import MetricWrapperBase
+
+    from app import metrics
+
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
+    names = {
+        obj._name + suffix
+        for obj in vars(metrics).values()
+        if isinstance(obj, MetricWrapperBase)
+        for suffix in suffixes[obj._type]
+    }
+    with tempfile.TemporaryDirectory() as folder:  # the folder's own gauges exist only at render time
+        names |= {family.name for family in metrics.FolderHealth(Path(folder)).collect()}
+    return names
