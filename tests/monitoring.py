@@ -1,8 +1,9 @@
-"""The kit's monitoring files as tests read them: the alert rules, promtool, the metric names the service
-exports."""
+"""The kit's monitoring files as tests read them: the alert rules, the dashboard's queries, promtool, and the
+metric names the service exports."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -15,6 +16,10 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 MONITORING_DIR = ROOT / "deploy" / "monitoring"
 ALERT_RULES = MONITORING_DIR / "alerts.yml"
+DASHBOARD = MONITORING_DIR / "grafana-dashboard.json"
+# What Grafana puts in place of its interval macros before it sends a query; a dashboard variable becomes
+# its "All" value.
+GRAFANA_MACROS = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "1h"}
 
 _MLAPI_METRIC = re.compile(r"\bmlapi_[a-z_]+\b")
 
@@ -30,6 +35,24 @@ def alert_rules() -> list[dict[str, Any]]:
     """Every alerting rule of deploy/monitoring/alerts.yml."""
     groups = yaml.safe_load(ALERT_RULES.read_text())["groups"]
     return [rule for group in groups for rule in group["rules"] if "alert" in rule]
+
+
+def dashboard() -> dict[str, Any]:
+    return json.loads(DASHBOARD.read_text())
+
+
+def dashboard_queries() -> dict[str, str]:
+    """Every panel target's PromQL as Grafana sends it with every variable on All, by "panel title/refId"."""
+    board = dashboard()
+    values = {**GRAFANA_MACROS, **{f"${var['name']}": var["allValue"] for var in board["templating"]["list"]}}
+    queries = {}
+    for panel in board["panels"]:
+        for target in panel["targets"]:
+            expr = target["expr"]
+            for name, value in values.items():
+                expr = expr.replace(name, value)
+            queries[f"{panel['title']}/{target['refId']}"] = expr
+    return queries
 
 
 def mlapi_metrics_in(expression: str) -> set[str]:
@@ -53,3 +76,4 @@ def exported_metric_names() -> set[str]:
     with tempfile.TemporaryDirectory() as folder:  # the folder's own gauges exist only at render time
         names |= {family.name for family in metrics.FolderHealth(Path(folder)).collect()}
     return names
+
