@@ -1,5 +1,5 @@
-"""The kit's monitoring files as tests read them: the alert rules, the dashboard's queries, promtool, and the
-metric names the service exports."""
+"""The kit's monitoring files as tests read them: the alert rules, the dashboard's queries, promtool, a real
+Prometheus on loopback, and the metric names the service exports."""
 
 from __future__ import annotations
 
@@ -8,10 +8,15 @@ import re
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 import yaml
+
+from tests.servers import Process, free_port, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 MONITORING_DIR = ROOT / "deploy" / "monitoring"
@@ -77,3 +82,43 @@ def exported_metric_names() -> set[str]:
         names |= {family.name for family in metrics.FolderHealth(Path(folder)).collect()}
     return names
 
+
+class Prometheus(Process):
+    """The distribution's prometheus on a loopback port, storing in a temporary folder, scraping `targets`
+    as job mlapi every second."""
+
+    def __init__(self, targets: list[str]) -> None:
+        self.workdir = Path(tempfile.mkdtemp(prefix="mlapi-prometheus-"))
+        self.port = free_port()
+        config = {
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "rule_files": [str(ALERT_RULES)],
+            "scrape_configs": [{"job_name": "mlapi", "static_configs": [{"targets": targets}]}],
+        }
+        (self.workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
+        binary = shutil.which("prometheus")
+        assert binary, "prometheus is missing: run scripts/setup-host.sh (Debian package prometheus)"
+        super().__init__([
+            binary, f"--config.file={self.workdir / 'prometheus.yml'}", f"--storage.tsdb.path={self.workdir / 'data'}",
+            f"--web.listen-address=127.0.0.1:{self.port}",
+        ], cwd=self.workdir)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def query(self, expr: str) -> dict[str, Any]:
+        """The answer of /api/v1/query to `expr`, evaluated now."""
+        return httpx.get(self.url + "/api/v1/query", params={"query": expr}, timeout=10).json()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        super().stop(timeout)
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+@contextmanager
+def prometheus(targets: list[str]) -> Iterator[Prometheus]:
+    server = Prometheus(targets)
+    try:
+        wait_for(lambda: httpx.get(server.url + "/-/ready", timeout=2).status_code == 200, 60,
+                 what=f"prometheus ready on {server.url}")
+        yield server
+    finally:
+        server.stop()
