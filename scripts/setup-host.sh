@@ -11,6 +11,7 @@ packages=(
   pebble tinyproxy iproute2 openssh-client  # local ACME CA, sandbox egress, namespaces
   wrk                                    # load generator for benchmarks
   testssl.sh libengine-gost-openssl     # TLS scanner of the e2e suite (it warns without the GOST engine)
+  prometheus                             # promtool and a real Prometheus for the alert and dashboard tests
 )
 missing=()
 for p in "${packages[@]}"; do
@@ -28,6 +29,13 @@ if [ "${#missing[@]}" -gt 0 ]; then
   # site would hold port 80 on every address, which the sandbox relay needs on loopback.
   if [[ " ${missing[*]} " == *" nginx-light "* ]] && [ -d /run/systemd/system ]; then
     systemctl disable --now nginx || true
+  fi
+  # The tests run their own promtool and Prometheus; the distribution's service would scrape and store
+  # for nothing on the controller (and its node exporter, when recommends brought it).
+  if [[ " ${missing[*]} " == *" prometheus "* ]] && [ -d /run/systemd/system ]; then
+    for unit in prometheus prometheus-node-exporter; do
+      systemctl disable --now "$unit" 2>/dev/null || true
+    done
   fi
 fi
 
