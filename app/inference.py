@@ -86,7 +86,7 @@ def observe_drift(registry: ModelRegistry, model: LoadedModel, X: np.ndarray) ->
     scores = monitor.scores()
     if scores:
         for feature, value in scores.items():
-            DRIFT.labels(model.name, model.version, feature).set(value)
+            labelled(DRIFT, model.name, model.version, feature).set(value)
 
 
 def score(
@@ -116,9 +116,9 @@ def count_predictions(model: LoadedModel, labels: np.ndarray) -> None:
     elif model.task == "classifier":
         values, counts = np.unique(labels.astype(str), return_counts=True)
         for value, count in zip(values.tolist(), counts.tolist()):
-            PREDICTIONS.labels(model.name, model.version, value).inc(count)
+            labelled(PREDICTIONS, model.name, model.version, value).inc(count)
     else:
-        PREDICTIONS.labels(model.name, model.version, "").inc(len(labels))
+        labelled(PREDICTIONS, model.name, model.version, "").inc(len(labels))
 
 
 def shadow_score(served: ServedModel, primary: Scored, X: np.ndarray, request_id: str | None) -> None:

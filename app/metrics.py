@@ -116,8 +116,38 @@ def labelled(metric: Any, *labels: str) -> Any:
     key = (metric, labels)
     child = _children.get(key)
     if child is None:
-        child = _children[key] = metric.labels(*labels)
+        try:
+            child = _children[key] = metric.labels(*labels)
+        except OSError as exc:
+            # A new series opens a file in the metrics folder; a folder that is gone or full (a worker outliving
+            # its instance's restart) costs the sample, never the request. Not remembered: the next call retries.
+            _warn_once(exc)
+            return _DISCARD
     return child
+
+
+class _Discard:
+    """Stands in for a series that could not be created: takes every update and keeps none."""
+
+    def inc(self, amount: float = 1) -> None: ...
+
+    def set(self, value: float) -> None: ...
+
+    def observe(self, amount: float) -> None: ...
+
+
+_DISCARD = _Discard()
+_warned: set[str] = set()
+
+
+def _warn_once(exc: OSError) -> None:
+    kind = type(exc).__name__
+    if kind not in _warned:
+        _warned.add(kind)
+        log.warning(
+            "a metric sample was dropped: the metrics folder cannot take a new series",
+            extra={"error": kind, "errno": exc.errno},
+        )
 
 
 LOCK_FILE = "fold.lock"  # not *.db: the merge reads only *.db files

@@ -18,8 +18,6 @@ import time
 from typing import Any
 
 from limits.storage import RedisStorage
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from app.logs import get_logger
 from app.metrics import RATE_LIMIT_BYPASSED, RATE_LIMIT_STORE_FAILURES, RATE_LIMIT_STORE_UP
@@ -128,6 +126,10 @@ class RateStore:
         self.options: dict[str, Any] = {}
         self.uri = uri
         if self.shared:
+            # Imported here, as limits does: redis is needed only with a shared store.
+            from redis.backoff import NoBackoff
+            from redis.retry import Retry
+
             self.uri = _SCHEME_PREFIX + uri
             timeout = settings.rate_limit_store_timeout_seconds
             self.options = {

@@ -16,6 +16,7 @@ A worker also answers 503 at once, in the service's JSON error shape, when it ho
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import Any
 
 import orjson
@@ -51,6 +52,7 @@ class GracefulHttpToolsProtocol(HttpToolsProtocol):
 
     retire_grace: float = 1.0  # set by GracefulWorker from the settings
     concurrency_limit: int | None = None
+    master_pid: int = 0
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -67,6 +69,11 @@ class GracefulHttpToolsProtocol(HttpToolsProtocol):
         if not self._idle():
             if self.cycle is not None:
                 self.cycle.keep_alive = False  # the response in progress says Connection: close
+            return
+        if os.getppid() != self.master_pid:
+            # The master is gone (the worker was told by PR_SET_PDEATHSIG): a new one may already be emptying the
+            # instance's metrics folder, so take no new request; NGINX retries on an instance that is whole.
+            self.transport.close()
             return
         # A request may be on the wire: give it time to arrive and be answered with Connection: close.
         self._unset_keepalive_if_required()
@@ -113,3 +120,4 @@ class GracefulWorker(UvicornWorker):
         GracefulHttpToolsProtocol.retire_grace = settings.retire_grace
         GracefulHttpToolsProtocol.concurrency_limit = settings.limit_concurrency or None
         super().__init__(*args, **kwargs)
+        GracefulHttpToolsProtocol.master_pid = self.ppid
