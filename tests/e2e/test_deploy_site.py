@@ -168,6 +168,15 @@ def test_service_sandboxing_exposure_is_at_most_2(sandbox, host, unit):
         + "\n".join(line for line in result.stdout.splitlines() if line.startswith("✗")))
 
 
+@pytest.mark.parametrize("unit", ["mlapi@1.service", "mlapi@2.service"])
+def test_instances_are_bounded_in_memory_and_tasks(sandbox, host, unit):
+    """The role's defaults (app_memory_max 2G, app_tasks_max 512): a runaway instance cannot take the host."""
+    result = sandbox.ssh(host, f"systemctl show {unit} -p MemoryMax -p TasksMax", check=True)
+    bounds = dict(line.split("=", 1) for line in result.stdout.split())
+    assert bounds == {"MemoryMax": str(2 * 1024**3), "TasksMax": "512"}, (
+        f"{unit}: {bounds}; deploy/systemd/mlapi@.service.d/hardening.conf.j2 must set MemoryMax= and TasksMax=")
+
+
 # Units the kit configures but does not write: the distributions' own, whose sandboxing is theirs to choose.
 # Their exposure is recorded (docs/security.md), not gated.
 DISTRIBUTION_UNITS = ["nginx.service", "redis-server.service", "certbot.service"]
