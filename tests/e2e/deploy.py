@@ -138,6 +138,16 @@ def wait_until_every_instance_serves(sandbox: Sandbox, instances: int = 2, timeo
     raise AssertionError(f"NGINX did not use all {instances} instances within {timeout}s (upstreams seen: {seen})")
 
 
+def forced_renewal_command(domain: str) -> str:
+    """`certbot renew --force-renewal` for the domain as certbot.timer runs it: in a transient unit with the
+    environment files of certbot.service (the ACME CA bundle and proxy), read by systemd; the deploy hook
+    reloads NGINX."""
+    environment_files = ("$(systemctl show certbot.service -p EnvironmentFiles --value"
+                         " | sed 's/ (ignore_errors=.*)$//; s/^/--property=EnvironmentFile=/')")
+    return (f"systemd-run --wait --pipe --collect --quiet {environment_files} "
+            f"certbot renew --force-renewal --cert-name {domain} --no-random-sleep-on-renew")
+
+
 def release_copy(destination: Path, *, broken: bool = False) -> Path:
     """A release folder (app/ and requirements.txt) copied from the checkout; `broken` makes the app fail at import."""
     shutil.copytree(ROOT / "app", destination / "app", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))

@@ -12,7 +12,13 @@ from collections.abc import Callable
 from contextlib import ExitStack
 
 import pytest
-from deploy import app_host, continuous_client, require_provisioned, wait_until_every_instance_serves
+from deploy import (
+    app_host,
+    continuous_client,
+    forced_renewal_command,
+    require_provisioned,
+    wait_until_every_instance_serves,
+)
 from load import LoadResult, record_load
 from test_deploy_resilience import main_pid
 from test_deploy_tls_renewal import serial_after_renewal, served_serial
@@ -99,10 +105,7 @@ def reload_nginx(sandbox) -> None:
 def renew_the_certificate(sandbox) -> None:
     host = sandbox.host(sandbox.ip)
     before = served_serial(sandbox)
-    # As certbot.timer runs it: with the environment of certbot.service; the deploy hook reloads NGINX.
-    renew = ("env $(systemctl show certbot.service -p Environment --value) "
-             f"certbot renew --force-renewal --cert-name {sandbox.domain} --no-random-sleep-on-renew")
-    result = sandbox.ssh(host, renew, timeout=300)
+    result = sandbox.ssh(host, forced_renewal_command(sandbox.domain), timeout=300)
     assert result.returncode == 0, f"certbot renew failed:\n{result.stdout}\n{result.stderr}"
     assert serial_after_renewal(sandbox, before) != before, "HTTPS still serves the old certificate: the deploy hook did not reload NGINX"
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 import socket
 import ssl
 import time
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -36,6 +38,37 @@ def test_check_mode_with_diff_on_the_provisioned_host_changes_nothing(sandbox, h
     run = run_playbook(sandbox, "site.yml", options=("--check", "--diff"), label="site-check")
     assert run.returncode == 0, f"site.yml --check --diff failed (log: {run.log}):\n{run.tail()}"
     assert run.changed == 0, f"check mode reports changes on a converged host: {run.changed_tasks()} (log: {run.log})"
+
+
+@pytest.fixture(scope="module")
+def check_with_new_redis_password(sandbox, host):
+    """site.yml --check --diff on the provisioned host with another Redis password than the one it has, as an
+    operator would preview a rotation; the old and the new password."""
+    old = (ROOT / ".sandbox" / "redis-password").read_text().strip()
+    new = secrets.token_hex(24)
+    run = run_playbook(sandbox, "site.yml", {"vault_redis_password": new}, options=("--check", "--diff"),
+                       label="site-check-new-redis-password")
+    assert run.returncode == 0, f"site.yml --check --diff failed (log: {run.log}):\n{run.tail()}"
+    return run, old, new
+
+
+def test_check_mode_reports_the_pending_redis_password_change(check_with_new_redis_password):
+    run, _, _ = check_with_new_redis_password
+    changed = run.changed_tasks()
+    pending = {"redis : Configure Redis", "app : Write the environment file (settings and secrets)"}
+    assert pending <= set(changed), (
+        f"a new Redis password must show as a pending change of redis.conf and of the env file: {changed} "
+        f"(log: {run.log})")
+
+
+@pytest.mark.parametrize("which", ["old", "new"])
+def test_check_mode_with_diff_shows_no_redis_password(check_with_new_redis_password, which):
+    run, old, new = check_with_new_redis_password
+    password = {"old": old, "new": new}[which]
+    shown = [n for n, line in enumerate(run.output.splitlines(), 1) if password in line or quote(password) in line]
+    assert not shown, (
+        f"the {which} Redis password is in the output of site.yml --check --diff, lines {shown[:5]} of {run.log}; "
+        "tasks that handle it need diff: false or no_log: true")
 
 
 def test_https_predict_answers(sandbox, host):
@@ -113,6 +146,17 @@ def test_env_file_is_readable_by_the_service_group_only(sandbox, host):
     assert result.stdout.split() == ["640", "root", "mlapi"]
 
 
+@pytest.mark.parametrize(("path", "expected"), [
+    ("/etc/redis/redis.conf", "640 root redis"),  # requirepass; Redis reads it and cannot rewrite it
+    ("/etc/pip.conf", "600 root root"),  # proxy URLs, which may carry a password
+    ("/etc/apt/apt.conf.d/90mlapi-proxy", "600 root root"),
+    ("/etc/letsencrypt/mlapi-certbot.env", "600 root root"),
+])
+def test_file_that_may_hold_a_credential_is_readable_by_its_reader_only(sandbox, host, path, expected):
+    result = sandbox.ssh(host, f"stat -c '%a %U %G' {path}", check=True)
+    assert result.stdout.split() == expected.split(), f"{path}: {result.stdout.strip()}, expected {expected}"
+
+
 @pytest.mark.parametrize("unit", ["mlapi@1.service", "mlapi@2.service"])
 def test_service_sandboxing_exposure_is_at_most_2(sandbox, host, unit):
     result = sandbox.ssh(host, f"systemd-analyze security --no-pager {unit}", check=True)
@@ -122,6 +166,15 @@ def test_service_sandboxing_exposure_is_at_most_2(sandbox, host, unit):
     assert exposure <= 2.0, (
         f"{unit} exposure {exposure} > 2.0: tighten deploy/systemd/mlapi@.service.d/hardening.conf.j2\n"
         + "\n".join(line for line in result.stdout.splitlines() if line.startswith("✗")))
+
+
+@pytest.mark.parametrize("unit", ["mlapi@1.service", "mlapi@2.service"])
+def test_instances_are_bounded_in_memory_and_tasks(sandbox, host, unit):
+    """The role's defaults (app_memory_max 2G, app_tasks_max 512): a runaway instance cannot take the host."""
+    result = sandbox.ssh(host, f"systemctl show {unit} -p MemoryMax -p TasksMax", check=True)
+    bounds = dict(line.split("=", 1) for line in result.stdout.split())
+    assert bounds == {"MemoryMax": str(2 * 1024**3), "TasksMax": "512"}, (
+        f"{unit}: {bounds}; deploy/systemd/mlapi@.service.d/hardening.conf.j2 must set MemoryMax= and TasksMax=")
 
 
 # Units the kit configures but does not write: the distributions' own, whose sandboxing is theirs to choose.

@@ -8,7 +8,7 @@ import ssl
 import time
 
 import pytest
-from deploy import continuous_client, require_provisioned, wait_until_every_instance_serves
+from deploy import continuous_client, forced_renewal_command, require_provisioned, wait_until_every_instance_serves
 
 pytestmark = pytest.mark.e2e
 
@@ -36,11 +36,8 @@ def test_forced_renewal_serves_the_new_certificate_without_failed_requests(sandb
     wait_until_every_instance_serves(sandbox)
     host = sandbox.host(sandbox.ip)
     before = served_serial(sandbox)
-    # The same environment (ACME CA bundle, proxy) that certbot.timer's runs get from the unit's drop-in.
-    renew = ("env $(systemctl show certbot.service -p Environment --value) "
-             f"certbot renew --force-renewal --cert-name {sandbox.domain} --no-random-sleep-on-renew")
     with continuous_client(sandbox) as load:
-        result = sandbox.ssh(host, renew, timeout=300)
+        result = sandbox.ssh(host, forced_renewal_command(sandbox.domain), timeout=300)
     assert result.returncode == 0, f"certbot renew failed:\n{result.stdout}\n{result.stderr}"
     after = serial_after_renewal(sandbox, before)
     assert after != before, "HTTPS still serves the old certificate: the deploy hook did not reload NGINX"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from urllib.parse import quote
 
 import pytest
 from deploy import (
@@ -114,3 +115,25 @@ def test_broken_release_fails_its_gate_and_the_previous_release_serves_again(san
     assert states == ["active", "active"]
     # The broken instance refused connections; NGINX retried those requests on the other instance.
     assert load.result.failed == 0, load.result.summary()
+
+
+def test_a_failed_gate_does_not_show_the_redis_password(sandbox, provisioned, tmp_path):
+    """A broken release fails its gates with Redis stopped (the store unhealthy, so any answer that named it
+    would carry its password): the playbook's output of the failed gates and of the switch back holds no
+    secret."""
+    host = app_host(sandbox)
+    password = (ROOT / ".sandbox" / "redis-password").read_text().strip()
+    release = release_copy(tmp_path / "release", broken=True)
+    sandbox.ssh(host, "systemctl stop redis-server", check=True)
+    try:
+        run = run_playbook(sandbox, "deploy-release.yml",
+                           {"app_src_dir": str(release), "app_release_id": "e2e-store-down", "app_gate_retries": 2},
+                           label="deploy-release-store-down")
+    finally:
+        sandbox.ssh(host, "systemctl start redis-server", check=True)
+    assert run.returncode != 0 and "[app : Point current back at the previous release]" in run.output, (
+        f"the broken release passed its gates, so the test proves nothing (log: {run.log}):\n{run.tail()}")
+    shown = [n for n, line in enumerate(run.output.splitlines(), 1) if password in line or quote(password) in line]
+    assert not shown, (
+        f"the Redis password is in the output of a failed gate, lines {shown[:5]} of {run.log}; the gates must "
+        "report a failed gate by its status, not its body")

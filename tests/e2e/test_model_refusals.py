@@ -7,11 +7,15 @@ its own check, and the good package shows that a refusal holds back the whole de
 
 from __future__ import annotations
 
+import os
+import re
+
+import joblib
 import pytest
 from deploy import app_host, ensure_demo_models, https, require_provisioned, run_playbook
 from load import IRIS
 
-from tests.model_packages import REFUSED_KINDS, copy_as_version, refused_copy
+from tests.model_packages import MODEL_JOBLIB, REFUSED_KINDS, copy_as_version, refused_copy, resign
 
 pytestmark = pytest.mark.e2e
 
@@ -111,3 +115,38 @@ def test_the_good_package_passed_the_gate_on_the_host(refused_deploy):
         f"the gate did not pass the unchanged demo package {MODEL}/{GOOD_VERSION} on the host "
         f"(log: {run.log}); check the release's venv on the host with `python -m app.packaging verify`:\n"
         + "\n".join(verify))
+
+
+class _Call:
+    """Pickles as `func(*args)`, called when the pickle is loaded; an argument that is a _Call is called first."""
+
+    def __init__(self, func, *args):
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return self.func, self.args
+
+
+UID_MARKER = "model package unpickled as uid"
+
+
+@pytest.fixture(scope="module")
+def uid_recording_deploy(sandbox, tmp_path_factory):
+    """deploy-model.yml with a correctly hashed package whose pickle prints the uid that loads it (to the check's
+    stdout, which -v shows); the check then refuses it (it holds no estimator)."""
+    require_provisioned(sandbox)
+    source = tmp_path_factory.mktemp("uid-recording-models")
+    package = copy_as_version(ensure_demo_models() / MODEL / "1", source, "records-uid")
+    joblib.dump(_Call(print, UID_MARKER, _Call(os.getuid)), package / MODEL_JOBLIB)
+    resign(package)
+    return run_playbook(sandbox, "deploy-model.yml", {"app_models_src": str(source)}, options=("-v",),
+                        label="deploy-model-records-uid")
+
+
+def test_packages_are_unpickled_as_the_service_user(sandbox, uid_recording_deploy):
+    run = uid_recording_deploy
+    uids = set(re.findall(re.escape(UID_MARKER) + r" (\d+)", run.output))
+    service_uid = sandbox.ssh(app_host(sandbox), "id -u mlapi", check=True).stdout.strip()
+    assert uids == {service_uid}, (
+        f"the package check unpickled the package as uid {sorted(uids) or '(it did not run)'}, not as the service "
+        f"user mlapi ({service_uid}) (log: {run.log}); a pickle runs code: load it as the unit would")
