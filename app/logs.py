@@ -17,6 +17,7 @@ request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
 
 ACCESS_LOGGER = "mlapi.access"
 APP_LOGGER = "mlapi"
+PREDICTION_LOGGER = "mlapi.predictions"  # the prediction log's journal sink (app/predictionlog.py)
 
 
 class RequestIdFilter(logging.Filter):
@@ -74,6 +75,7 @@ def logging_config(level: str = "INFO") -> dict[str, Any]:
         "loggers": {
             APP_LOGGER: {"handlers": ["stderr"], "level": level, "propagate": False},
             ACCESS_LOGGER: {"handlers": ["stdout"], "level": "INFO", "propagate": False},
+            PREDICTION_LOGGER: {"handlers": ["stdout"], "level": "INFO", "propagate": False},
             "gunicorn.error": {"handlers": ["stderr"], "level": level, "propagate": False},
             # The service writes its own access line with the fields operators need.
             "gunicorn.access": {"handlers": [], "level": "CRITICAL", "propagate": False},

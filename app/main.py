@@ -23,6 +23,7 @@ from app.errors import install_error_handlers
 from app.logs import configure_logging, get_logger
 from app.middleware import RequestContextMiddleware
 from app.packaging import Manifest, PackageError, discover
+from app.predictionlog import PredictionLog
 from app.ratestore import RateStore
 from app.registry import ModelRegistry, _version_key
 from app.responses import FastJSONResponse
@@ -76,6 +77,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if not registry.loaded and registry.last_error is None:
             registry.load()
         yield
+        prediction_log.close()  # in each worker: what is queued is written before it exits
 
     app = FastAPI(
         title="mlapi",
@@ -106,6 +108,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     manifests = route_manifests(settings)
     registry.route_features = {name: tuple(m.feature_names) for name, m in manifests.items()}
+    prediction_log = PredictionLog(settings, features={f for m in manifests.values() for f in m.feature_names})
+    app.state.prediction_log = prediction_log
     default = settings.default_model or next(iter(sorted(manifests)), None)
     app.include_router(health.router)
     app.include_router(predict.build_router(manifests, default, settings, limiter))

@@ -105,6 +105,16 @@ SHADOW_AGREEMENT = Counter(
     ["model", "primary", "shadow", "agree"],
 )
 
+PREDICTION_LOG_WRITTEN = Counter(
+    "mlapi_prediction_log_written_total",
+    "Prediction-log records written to the sink.",
+)
+PREDICTION_LOG_DROPPED = Counter(
+    "mlapi_prediction_log_dropped_total",
+    "Sampled prediction-log records not written: queue_full (the writer was behind) or sink_error.",
+    ["reason"],
+)
+
 
 _children: dict[tuple[Any, tuple[str, ...]], Any] = {}
 

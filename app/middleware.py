@@ -117,6 +117,7 @@ class RequestContextMiddleware:
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
         state["client_request_id"] = client_request_id
+        state["started"] = start  # the prediction log's latency counts from here
         id_headers = [(b"x-request-id", request_id.encode("latin-1"))]
         if client_request_id is not None:
             id_headers.append((b"x-client-request-id", client_request_id.encode("latin-1")))

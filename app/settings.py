@@ -150,6 +150,36 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level of all loggers.")
     access_log: bool = Field(True, description="Write one JSON access line per request.")
 
+    # Prediction log (app/predictionlog.py)
+    prediction_log_sample: float = Field(
+        0.0, ge=0, le=1, description=(
+            "Fraction of scored requests whose inputs and outputs go to the prediction log, e.g. 0.05 "
+            "(0: off)."
+        ),
+    )
+    prediction_log_path: str = Field(
+        "journal", min_length=1, description=(
+            "Where the prediction log goes: a file (JSON lines, rotated by size; several workers may share it) "
+            "or journal: JSON lines on stdout under the logger mlapi.predictions."
+        ),
+    )
+    prediction_log_redact: CsvList = Field(
+        default_factory=list,
+        description='Features whose values the prediction log replaces with "[redacted]"; comma-separated.',
+    )
+    prediction_log_max_bytes: int = Field(
+        100 * 1024 * 1024, ge=4096, description="Size in bytes at which the prediction log file is rotated."
+    )
+    prediction_log_backups: int = Field(
+        5, ge=0, le=100, description="Rotated prediction log files kept (<path>.1 newest); older ones are deleted."
+    )
+    prediction_log_queue_rows: int = Field(
+        10_000, ge=1, description=(
+            "Rows waiting to be written per worker; a record that does not fit is dropped and counted, "
+            "so a slow or failing sink never holds up a prediction."
+        ),
+    )
+
     # Process model (read by app/gunicorn_conf.py)
     bind: str = Field("127.0.0.1:8000", description="gunicorn bind address: host:port or unix:/path.")
     workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, description="gunicorn worker processes (default: CPU count).")
@@ -178,7 +208,9 @@ class Settings(BaseSettings):
         ),
     )
 
-    @field_validator("trusted_proxies", "api_key_hashes", "cors_origins", "trusted_hosts", mode="before")
+    @field_validator(
+        "trusted_proxies", "api_key_hashes", "cors_origins", "trusted_hosts", "prediction_log_redact", mode="before"
+    )
     @classmethod
     def _csv(cls, v: object) -> object:
         return _split_csv(v)

@@ -65,6 +65,7 @@ def _run(
         scored = score(registry, served, X, user_id=user_id, version=version, state=request.state)
     except UnknownModel as exc:
         raise APIError(404, str(exc), code="model_not_found") from None
+    request.app.state.prediction_log.write(request.state, scored, X)
     if served.shadow is not None:
         background.add_task(shadow_score, served, scored, X, request.state.request_id)
     return scored

@@ -272,6 +272,7 @@ def build_router(settings: Settings, limiter: Limiter) -> APIRouter:
         X = to_matrix(body, reference, settings.max_abs_value, settings.max_batch_size)
         user = request.headers.get("x-user-id")
         scored = score(registry, served, X, user_id=user, version=version, state=request.state)
+        request.app.state.prediction_log.write(request.state, scored, X)
         if served.shadow is not None:
             background.add_task(shadow_score, served, scored, X, request.state.request_id)
         n = X.shape[0]
