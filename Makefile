@@ -16,19 +16,22 @@ help: ## list the targets
 setup: ## install system packages (as root) and the venv
 	scripts/setup-host.sh
 
-venv: $(BIN)/.installed ## create the venv with every Python dependency
+venv: $(BIN)/.installed ## create the venv with every Python dependency and the mlapi command
 
-$(BIN)/.installed: requirements.txt requirements-dev.txt
+# The project itself (the mlapi command) goes in last, editable and without dependencies: the pins of the
+# requirements are the versions, and a change to app/ needs no reinstall.
+$(BIN)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -r requirements-dev.txt
+	$(BIN)/pip install -q --no-deps -e .
 	touch $@
 
 models: venv ## train and package the demo models unless they exist
-	@test -f $(MODELS)/iris/1/manifest.json || $(BIN)/python scripts/train_model.py --models-dir $(MODELS)
+	@test -f $(MODELS)/iris/1/manifest.json || $(BIN)/mlapi train-demo --models-dir $(MODELS)
 
 serve: models ## run the service under gunicorn on 127.0.0.1:8000 (Ctrl-C stops it)
-	MLAPI_WORKERS=$${MLAPI_WORKERS:-2} $(BIN)/gunicorn -c app/gunicorn_conf.py "app.main:create_app()"
+	$(BIN)/mlapi serve --workers $${MLAPI_WORKERS:-2}
 
 test: venv ## run the whole test suite: unit, integration and end-to-end
 	$(BIN)/pytest

@@ -278,7 +278,7 @@ def as_refusal(path: str | Path, exc: BaseException, check: Check = "unreadable"
         path,
         check,
         f"loading it failed unexpectedly ({type(exc).__name__}: {detail})",
-        "rebuild the package with scripts/package_model.py; if that does not help, report this message",
+        "rebuild the package with mlapi package; if that does not help, report this message",
     )
 
 
@@ -295,17 +295,17 @@ def _read_manifest(path: Path) -> Manifest:
         raise as_refusal(path, exc) from None
     except OSError as exc:
         raise PackageError(
-            path, "manifest", f"{MANIFEST} cannot be read ({exc.strerror})", "rebuild it with scripts/package_model.py"
+            path, "manifest", f"{MANIFEST} cannot be read ({exc.strerror})", "rebuild it with mlapi package"
         ) from None
     try:
         return Manifest.from_dict(json.loads(raw))
     except json.JSONDecodeError as exc:
         raise PackageError(
-            path, "manifest", f"{MANIFEST} is not valid JSON ({exc})", "rebuild it with scripts/package_model.py"
+            path, "manifest", f"{MANIFEST} is not valid JSON ({exc})", "rebuild it with mlapi package"
         ) from None
     except (ValueError, TypeError) as exc:
         raise PackageError(
-            path, "manifest", f"{MANIFEST} is invalid ({exc})", "rebuild it with scripts/package_model.py"
+            path, "manifest", f"{MANIFEST} is invalid ({exc})", "rebuild it with mlapi package"
         ) from None
 
 
@@ -805,38 +805,17 @@ def build_package(
 # ---------------------------------------------------------------- CLI
 
 
-def _verify(path: Path, engine: str, onnx_threads: int) -> dict[str, Any]:
-    model = load_package(path, engine=engine, onnx_threads=onnx_threads)
-    row = np.array([[model.manifest.reference[n]["mean"] for n in model.feature_names]], dtype=np.float64)
-    labels, _ = model.score(row)
-    return {
-        "ok": True,
-        "package": str(path),
-        "name": model.name,
-        "version": model.version,
-        "task": model.task,
-        "engine": model.engine.name,
-        "features": model.feature_names,
-        "onnx_kept": bool(model.manifest.onnx.get("kept")),
-        "smoke_prediction": _plain(labels[0]),
-    }
-
-
 def main(argv: list[str] | None = None) -> int:
+    """``python -m app.packaging verify DIR``: ``mlapi verify`` under the module path hosts run it by.
+
+    A release on a host is a folder, not an installed package, so it has no ``mlapi`` command.
+    """
+    from app.cli import add_command, verify
+
     parser = argparse.ArgumentParser(prog="python -m app.packaging", description=__doc__.split("\n\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    verify = commands.add_parser("verify", help="run the compatibility gate and one smoke score on a package folder")
-    verify.add_argument("path", type=Path, metavar="DIR", help="package folder <models dir>/<name>/<version>")
-    verify.add_argument("--engine", choices=("auto", "onnx", "sklearn"), default="auto")
-    verify.add_argument("--onnx-threads", type=int, default=1)
+    add_command(parser.add_subparsers(dest="command", metavar="COMMAND", required=True), verify)
     args = parser.parse_args(argv)
-    try:
-        summary = _verify(args.path, args.engine, args.onnx_threads)
-    except PackageError as exc:
-        print(str(exc), file=sys.stderr)
-        return 1
-    print(json.dumps(summary, default=str))
-    return 0
+    return args.run(args)
 
 
 if __name__ == "__main__":

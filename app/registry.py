@@ -163,7 +163,7 @@ class ModelRegistry:
         if not names:
             errors.append(
                 f"no model packages in {models_dir.resolve()}; run `make models` or "
-                "scripts/package_model.py, or set MLAPI_MODELS_DIR"
+                "mlapi package, or set MLAPI_MODELS_DIR"
             )
         with self._lock:
             self._models = new

@@ -1,6 +1,6 @@
 """Input rows to the float64 matrix a model scores, or a list of what is wrong.
 
-Shared by the HTTP routes and scripts/batch_predict.py so both accept and refuse
+Shared by the HTTP routes and ``mlapi score`` so both accept and refuse
 exactly the same input. The happy path is one numpy conversion plus vectorised
 checks; the slower per-value search runs only to describe an error.
 """

@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.paced import paced  # noqa: E402
 from tests.integration import nginx_helpers  # noqa: E402
-from tests.servers import VENV_BIN, Gunicorn, Process, free_port, wait_for  # noqa: E402
+from tests.servers import VENV_BIN, Gunicorn, Process, free_port, mlapi, wait_for  # noqa: E402
 
 BENCH = ROOT / "bench"
 CACHE = ROOT / ".cache" / "bench"
@@ -853,8 +853,7 @@ def demo_models() -> Path:
     models_dir = CACHE / "models"
     if not all((models_dir / package / "1" / "manifest.json").exists() for package in MODELS.values()):
         log("training the demo models (cached under .cache/bench/models)")
-        subprocess.run([sys.executable, str(ROOT / "scripts" / "train_model.py"), "--models-dir", str(models_dir)],
-                       check=True, capture_output=True, cwd=ROOT)
+        mlapi("train-demo", "--models-dir", models_dir, check=True)
     return models_dir
 
 

@@ -3,25 +3,18 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.servers import mlapi
 
 
 @pytest.fixture(scope="session")
 def demo_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The demo model packages (iris, iris-logreg, diabetes at version 1), built once per session."""
     models = tmp_path_factory.mktemp("models")
-    subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "train_model.py"), "--models-dir", str(models)],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
+    mlapi("train-demo", "--models-dir", models, check=True)
     return models
 
 

@@ -140,3 +140,17 @@ def broken_tags_package(good: Path, models_dir: Path, version: str) -> Path:
     joblib.dump(estimator, target / MODEL_JOBLIB)
     resign(target)
     return target
+
+
+def rows_csv(package: Path, path: Path, rows: int, seed: int = 7) -> tuple[list[str], np.ndarray]:
+    """A CSV of random rows within each feature's reference range (min..max) of the package, with an ``id`` column
+    first; returns the feature names and the matrix. Values are written as repr, so they read back exactly."""
+    reference = read_manifest(package)["reference"]
+    features = [f["name"] for f in read_manifest(package)["features"]]
+    low = np.array([reference[name]["min"] for name in features])
+    high = np.array([reference[name]["max"] for name in features])
+    X = np.random.default_rng(seed).uniform(low, high, size=(rows, len(features)))
+    with open(path, "w") as fh:
+        fh.write(",".join(["id", *features]) + "\n")
+        fh.writelines(f"row-{i}," + ",".join(map(repr, row)) + "\n" for i, row in enumerate(X.tolist()))
+    return features, X

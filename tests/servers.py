@@ -21,6 +21,29 @@ ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 
 
+def mlapi_command() -> list[str]:
+    """argv of the mlapi command for this checkout: the installed entry point when it runs this checkout's code
+    (a venv shared by several checkouts holds the one it was installed from), else ``python -m app.cli``."""
+    import json
+    import sysconfig
+    from importlib import metadata
+
+    # The venv's own record of the install: the checkout's mlapi.egg-info (written by the editable install) has none.
+    installed = metadata.distributions(name="mlapi", path=[sysconfig.get_paths()["purelib"]])
+    origins = {json.loads(d.read_text("direct_url.json") or "{}").get("url") for d in installed}
+    entry_point = VENV_BIN / "mlapi"
+    if entry_point.exists() and ROOT.as_uri() in origins:
+        return [str(entry_point)]
+    return [sys.executable, "-m", "app.cli"]
+
+
+def mlapi(*args: object, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
+    """Run the mlapi command from the checkout; output captured as text unless told otherwise."""
+    kwargs.setdefault("capture_output", True)
+    kwargs.setdefault("text", True)
+    return subprocess.run([*mlapi_command(), *map(str, args)], cwd=ROOT, timeout=timeout, **kwargs)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -23,6 +23,8 @@ from pathlib import Path
 from load import IRIS, ContinuousClient, HttpsClient
 from sandbox import Sandbox
 
+from tests.servers import mlapi
+
 ROOT = Path(__file__).resolve().parents[2]
 ANSIBLE_DIR = ROOT / "deploy" / "ansible"
 BIN = Path(sys.executable).parent
@@ -83,8 +85,7 @@ def run_playbook(sandbox: Sandbox, playbook: str, extra_vars: dict | None = None
 def ensure_demo_models() -> Path:
     """The demo packages in models/, as `make models` makes them."""
     if not (MODELS / "iris" / "1" / "manifest.json").exists():
-        subprocess.run([sys.executable, str(ROOT / "scripts" / "train_model.py"), "--models-dir", str(MODELS)],
-                       cwd=ROOT, check=True, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+        mlapi("train-demo", "--models-dir", MODELS, check=True, stdin=subprocess.DEVNULL)
     return MODELS
 
 

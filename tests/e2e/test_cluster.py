@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -19,7 +17,6 @@ from collections.abc import Iterator
 import pytest
 from deploy import (
     IRIS,
-    ROOT,
     PlaybookRun,
     continuous_client,
     ensure_demo_models,
@@ -29,6 +26,8 @@ from deploy import (
     wait_until_every_instance_serves,
 )
 from sandbox import Sandbox, SandboxHost
+
+from tests.servers import mlapi
 
 pytestmark = pytest.mark.e2e
 
@@ -125,8 +124,7 @@ def test_rolling_model_deploy_under_load_reaches_both_hosts_without_a_failed_req
     cluster.require_provisioned()
     wait_until_every_instance_serves(cluster.sandbox, instances=INSTANCES)
     packages = tmp_path / "models"
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "train_model.py"), "--models-dir", str(packages),
-                    "--version", "2", "--only", "iris"], check=True, capture_output=True, text=True, cwd=ROOT)
+    mlapi("train-demo", "--models-dir", packages, "--version", "2", "--only", "iris", check=True)
     with continuous_client(cluster.sandbox) as load:
         run = run_playbook(cluster.sandbox, "deploy-model.yml", {"app_models_src": str(packages)},
                            label="cluster-deploy-model")

@@ -3,8 +3,6 @@ release fails its gate and the previous release serves again (issue 3, test 7)."
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from urllib.parse import quote
 
 import pytest
@@ -19,6 +17,8 @@ from deploy import (
     wait_until_every_instance_serves,
 )
 from load import record_load
+
+from tests.servers import mlapi
 
 pytestmark = pytest.mark.e2e
 
@@ -43,8 +43,7 @@ def provisioned(sandbox):
 
 def test_model_version_deploy_under_load(sandbox, provisioned, tmp_path):
     packages = tmp_path / "models"
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "train_model.py"), "--models-dir", str(packages),
-                    "--version", "2"], check=True, capture_output=True, text=True, cwd=ROOT)
+    mlapi("train-demo", "--models-dir", packages, "--version", "2", check=True)
     with continuous_client(sandbox) as load:
         run = run_playbook(sandbox, "deploy-model.yml", {"app_models_src": str(packages)}, label="deploy-model")
     record_load("model version switch (deploy-model.yml)", load.result)
@@ -61,8 +60,7 @@ def test_model_version_deploys_while_the_store_is_down(sandbox, provisioned, tmp
     """The shared Redis stopped: every instance stays ready, so the reload gates pass and the version switches
     under load; predictions go on without rate limits meanwhile."""
     packages = tmp_path / "models"
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "train_model.py"), "--models-dir", str(packages),
-                    "--version", "3", "--only", "iris"], check=True, capture_output=True, text=True, cwd=ROOT)
+    mlapi("train-demo", "--models-dir", packages, "--version", "3", "--only", "iris", check=True)
     redis_host = sandbox.host(sandbox.ip)
     sandbox.ssh(redis_host, "systemctl stop redis-server", check=True)
     try:

@@ -21,6 +21,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.servers import mlapi
+
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 ROLES_PATH = REPO / "deploy" / "ansible" / "roles"
@@ -85,10 +87,7 @@ def make_self_signed(directory: Path, name: str = SERVER_NAME) -> tuple[Path, Pa
 
 
 def make_models(directory: Path) -> Path:
-    subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "train_model.py"), "--models-dir", str(directory)],
-        check=True, capture_output=True, cwd=REPO,
-    )
+    mlapi("train-demo", "--models-dir", directory, check=True)
     return directory
 
 

@@ -7,8 +7,6 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.servers import ROOT, gunicorn, redis_server, wait_for
+from tests.servers import gunicorn, mlapi, redis_server, wait_for
 from tests.unit.conftest import IRIS_ROW, metric
 
 pytestmark = pytest.mark.integration
@@ -150,11 +148,7 @@ def test_sighup_loads_a_new_version_without_failing_requests(models_copy):
     env = {"MLAPI_MODELS_DIR": str(models_copy), "MLAPI_DEFAULT_MODEL": "iris"}
     with gunicorn(env, workers=2) as server:
         assert _predict(server.url).json()["version"] == "1"
-        subprocess.run(
-            [sys.executable, "scripts/train_model.py", "--models-dir", str(models_copy), "--version", "2", "--only",
-             "iris"],
-            cwd=ROOT, check=True, capture_output=True,
-        )
+        mlapi("train-demo", "--models-dir", models_copy, "--version", "2", "--only", "iris", check=True)
         failures, versions = _hup_under_load(server, until_version="2")
         assert failures == []
         assert versions[-1] == "2"

@@ -241,7 +241,7 @@ def test_a_reference_drift_scoring_cannot_use_is_refused_naming_the_feature(pack
     _write_manifest(package, data)
     message = str(_refused(package, "manifest"))
     assert problem in message
-    assert "rebuild it with scripts/package_model.py" in message
+    assert "rebuild it with mlapi package" in message
 
 
 def test_an_empty_reference_is_refused_naming_the_first_feature(package: Path):
@@ -272,7 +272,7 @@ def test_an_exception_no_check_anticipates_is_the_refusal_of_the_stage_it_came_f
     broken = broken_tags_package(package, models_copy, "2")
     error = _refused(broken, "estimator")
     assert "RuntimeError: tags unavailable" in str(error)
-    assert "rebuild the package with scripts/package_model.py" in str(error)
+    assert "rebuild the package with mlapi package" in str(error)
 
 
 def test_a_tampered_model_file_is_refused_before_unpickling(package: Path):

@@ -14,17 +14,14 @@ import pytest
 from app.registry import ModelRegistry, pick_weighted, stable_fraction
 from app.settings import Settings
 from tests.model_packages import broken_tags_package, copy_as_version, drop_the_bin_edges, odd_names_package
+from tests.servers import mlapi
 from tests.unit.conftest import IRIS_ROW, metric
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def add_version(models: Path, version: str, only: str = "iris") -> None:
-    subprocess.run(
-        [sys.executable, str(ROOT / "scripts/train_model.py"), "--models-dir", str(models), "--version", version,
-         "--only", only],
-        check=True, capture_output=True,
-    )
+    mlapi("train-demo", "--models-dir", models, "--version", version, "--only", only, check=True)
 
 
 @pytest.fixture(scope="module")

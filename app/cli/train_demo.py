@@ -1,20 +1,9 @@
-#!/usr/bin/env python3
-"""Train the demo models on datasets scikit-learn ships and package them.
-
-    python scripts/train_model.py --models-dir models [--version 1] [--only iris ...] [--force]
-
-iris         RandomForestClassifier (100 trees) predicting species names
-iris-logreg  StandardScaler + LogisticRegression on the same data
-diabetes     GradientBoostingRegressor on the diabetes progression data
-
-Each model is fitted on a training split; its metrics on the training and the
-held-out validation split go into the manifest, and the validation split is the
-drift reference. An existing version is left as it is unless --force is given.
-"""
+"""``mlapi train-demo``: train the demo models on datasets scikit-learn ships and package them."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -22,12 +11,29 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from app.packaging import build_package  # noqa: E402
+from app.packaging import build_package
 
 IRIS_FEATURES = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
 RANDOM_STATE = 42
+
+COMMAND = "train-demo"
+SUMMARY = "train and package the demo models (iris, iris-logreg, diabetes)"
+DESCRIPTION = """\
+Train the demo models on datasets scikit-learn ships and package them:
+
+  iris         RandomForestClassifier (100 trees) predicting species names
+  iris-logreg  StandardScaler + LogisticRegression on the same data
+  diabetes     GradientBoostingRegressor on the diabetes progression data
+
+Each model is fitted on a training split; its metrics on the training and the
+held-out validation split go into the manifest, and the validation split is the
+drift reference. An existing version is left as it is unless --force is given.
+`make models` runs this into models/."""
+
+EPILOG = """\
+example:
+  mlapi train-demo --models-dir models
+  mlapi train-demo --models-dir /tmp/new-models --version 2 --only iris"""
 
 
 def _iris() -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -93,6 +99,14 @@ DEMO_MODELS: dict[str, tuple[Callable, Callable, Callable, bool]] = {
 }
 
 
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--models-dir", type=Path, required=True, metavar="DIR", help="folder of model packages")
+    parser.add_argument("--version", default="1", help="version to write (default: 1)")
+    parser.add_argument("--only", nargs="+", choices=sorted(DEMO_MODELS), metavar="NAME",
+                        help=f"train only these, one or more of {', '.join(sorted(DEMO_MODELS))} (default: all)")
+    parser.add_argument("--force", action="store_true", help="rebuild a version that exists")
+
+
 def train_and_package(name: str, models_dir: Path, version: str, force: bool) -> Path | None:
     """Package one demo model; None when that version exists and force is off."""
     from sklearn.model_selection import train_test_split
@@ -119,8 +133,6 @@ def train_and_package(name: str, models_dir: Path, version: str, force: bool) ->
         metrics=metrics,
         overwrite=force,
     )
-    import json
-
     onnx = json.loads((path / "manifest.json").read_text())["onnx"]
     engine = (
         f"ONNX kept ({onnx['precision']}, max diff {onnx['max_abs_diff']:.2g})"
@@ -132,27 +144,11 @@ def train_and_package(name: str, models_dir: Path, version: str, force: bool) ->
     return path
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models-dir", type=Path, required=True, help="folder of model packages")
-    parser.add_argument("--version", default="1", help="version to write (default: 1)")
-    parser.add_argument(
-        "--only",
-        nargs="+",
-        choices=sorted(DEMO_MODELS),
-        metavar="NAME",
-        help=f"train only these: {sorted(DEMO_MODELS)}",
-    )
-    parser.add_argument("--force", action="store_true", help="rebuild a version that exists")
-    args = parser.parse_args(argv)
+def run(args: argparse.Namespace) -> int:
     for name in args.only or DEMO_MODELS:
         try:
             train_and_package(name, args.models_dir, args.version, args.force)
         except (ValueError, FileExistsError, OSError) as exc:
-            print(f"train_model: {name}: {exc}", file=sys.stderr)
+            print(f"mlapi train-demo: {name}: {exc}", file=sys.stderr)
             return 1
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

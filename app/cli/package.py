@@ -1,16 +1,7 @@
-#!/usr/bin/env python3
-"""Turn a fitted scikit-learn model saved with joblib into a model package.
+"""``mlapi package``: turn a fitted scikit-learn model saved with joblib into a model package.
 
-    python scripts/package_model.py MODEL.joblib --name iris --version 2 --models-dir models \\
-        --sample validation.csv [--features a,b,c] [--feature-types float,int,float] \\
-        [--metrics metrics.json] [--no-onnx] [--force]
-
-The sample CSV (with a header row naming the features) is the drift reference
-and the data the ONNX equivalence gate runs on: pass held-out data the model
-has not been fitted on, a few hundred rows or more. Feature names come from the
-model (fitted on a DataFrame) or from --features, in training order.
-
-Loading a joblib file runs code stored in it: package only models you trust.
+Building runs on the controller: the ONNX conversion (skl2onnx) is imported by
+app.packaging only when a package is built, never by the service.
 """
 
 from __future__ import annotations
@@ -27,15 +18,52 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from app.packaging import FEATURE_TYPES, build_package
 
-from app.packaging import FEATURE_TYPES, build_package  # noqa: E402
+COMMAND = "package"
+SUMMARY = "turn a fitted scikit-learn model (joblib) into a verified model package"
+DESCRIPTION = """\
+Turn a fitted scikit-learn model saved with joblib into a model package:
+<models dir>/<name>/<version>/ with model.joblib, manifest.json and, when it
+passes the equivalence gate on the sample, model.onnx.
+
+The sample CSV (with a header row naming the features) is the drift reference
+and the data the ONNX equivalence gate runs on: pass held-out data the model
+has not been fitted on, a few hundred rows or more. Feature names come from the
+model (fitted on a DataFrame) or from --features, in training order. The
+command prints a JSON summary of the package on stdout."""
+
+EPILOG = """\
+example:
+  mlapi package churn.joblib --name churn --version 3 --models-dir models \\
+      --sample validation.csv --metrics metrics.json
+
+Loading a joblib file runs code stored in it: package only models you trust."""
 
 _INTEGER = re.compile(r"^\s*[-+]?\d+\s*$")
 
 
 class UsageError(Exception):
     """Bad input to this command; the message says what to fix."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", type=Path, metavar="MODEL.joblib",
+                        help="fitted estimator or pipeline saved with joblib")
+    parser.add_argument("--name", required=True, help="model name (letters, digits, . _ -), e.g. churn")
+    parser.add_argument("--version", required=True, help="version (letters, digits, . _ -), e.g. 3")
+    parser.add_argument("--models-dir", type=Path, required=True, metavar="DIR", help="folder of model packages")
+    parser.add_argument("--sample", type=Path, required=True, metavar="CSV",
+                        help="CSV with a header row: the drift reference and the ONNX check data")
+    parser.add_argument("--features", metavar="A,B,C",
+                        help="feature names in training order, comma-separated (default: the model's own)")
+    parser.add_argument("--feature-types", metavar="float,int,...",
+                        help="float or int per feature, comma-separated (default: int for columns of whole numbers "
+                        "in the sample, else float)")
+    parser.add_argument("--metrics", type=Path, metavar="JSON",
+                        help="JSON file of training/validation metrics to record in the manifest")
+    parser.add_argument("--no-onnx", action="store_true", help="do not convert to ONNX; the service uses scikit-learn")
+    parser.add_argument("--force", action="store_true", help="replace the version if it exists")
 
 
 def read_sample(path: Path, features: list[str]) -> tuple[np.ndarray, list[str]]:
@@ -131,34 +159,15 @@ def package(args: argparse.Namespace) -> Path:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog="Loading a joblib file runs code stored in it: package only models you trust.",
-    )
-    parser.add_argument(
-        "model", type=Path, metavar="MODEL.joblib", help="fitted estimator or pipeline saved with joblib"
-    )
-    parser.add_argument("--name", required=True, help="model name (letters, digits, . _ -)")
-    parser.add_argument("--version", required=True, help="version (letters, digits, . _ -), e.g. 2")
-    parser.add_argument("--models-dir", type=Path, required=True, help="folder of model packages")
-    parser.add_argument(
-        "--sample", type=Path, required=True, help="CSV with a header: drift reference and ONNX check data"
-    )
-    parser.add_argument("--features", help="feature names in training order, comma-separated")
-    parser.add_argument("--feature-types", help="float or int per feature, comma-separated (default: from the sample)")
-    parser.add_argument("--metrics", help="JSON file of training/validation metrics to record")
-    parser.add_argument("--no-onnx", action="store_true", help="do not convert to ONNX; serve with scikit-learn")
-    parser.add_argument("--force", action="store_true", help="replace the version if it exists")
-    args = parser.parse_args(argv)
+def run(args: argparse.Namespace) -> int:
     print(
-        f"package_model: loading {args.model} (a joblib file runs code when loaded: use only trusted models)",
+        f"mlapi package: loading {args.model} (a joblib file runs code when loaded: use only trusted models)",
         file=sys.stderr,
     )
     try:
         path = package(args)
     except (UsageError, ValueError, FileExistsError) as exc:
-        print(f"package_model: {exc}", file=sys.stderr)
+        print(f"mlapi package: {exc}", file=sys.stderr)
         return 1
     manifest = json.loads((path / "manifest.json").read_text())
     onnx = manifest["onnx"]
@@ -179,7 +188,3 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
