@@ -11,6 +11,7 @@ packages=(
   pebble tinyproxy iproute2 openssh-client  # local ACME CA, sandbox egress, namespaces
   wrk                                    # load generator for benchmarks
   testssl.sh libengine-gost-openssl     # TLS scanner of the e2e suite (it warns without the GOST engine)
+  chromium                               # headless browser of the API page tests (DevTools protocol)
 )
 missing=()
 for p in "${packages[@]}"; do
