@@ -33,6 +33,10 @@ log = get_logger("http")
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
 UNMATCHED = "unmatched"  # route label for 404s, so random paths do not grow the metrics
+# The answers are JSON or text, never pages, so the policy allows nothing; the API pages
+# (app/routes/docs.py) set their own. The edge sends the same (deploy/nginx/snippets).
+_CSP = b"content-security-policy"
+STRICT_CSP_HEADER = (_CSP, b"default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'")
 
 
 def new_request_id() -> str:
@@ -149,7 +153,11 @@ class RequestContextMiddleware:
             if message["type"] == "http.response.start":
                 status_holder["status"] = message["status"]
                 status_holder["started"] = True
-                message["headers"] = [*message.get("headers", []), *id_headers]
+                headers = message.get("headers", [])
+                if any(name == _CSP for name, _ in headers):
+                    message["headers"] = [*headers, *id_headers]
+                else:
+                    message["headers"] = [*headers, *id_headers, STRICT_CSP_HEADER]
             await send(message)
 
         try:
@@ -187,6 +195,7 @@ class RequestContextMiddleware:
                     (b"content-type", b"application/json"),
                     (b"content-length", str(len(body)).encode()),
                     *id_headers,
+                    STRICT_CSP_HEADER,
                 ],
             }
         )

@@ -134,8 +134,9 @@ class Settings(BaseSettings):
     docs: Literal["on", "off"] = Field(
         "on",
         description=(
-            "Serve /openapi.json, /docs and /redoc (every feature, with its reference mean as the example); "
-            "with MLAPI_API_KEY_HASHES set they need the X-API-Key header too."
+            "Serve /openapi.json (every feature, with its reference mean as the example) and the pages that "
+            "show it, /docs and /redoc, with their assets under /docs/static/; with MLAPI_API_KEY_HASHES set "
+            "the schema needs the X-API-Key header too, and the pages ask for it."
         ),
     )
     cors_origins: CsvList = Field(default_factory=list, description="Allowed CORS origins; empty: CORS off.")

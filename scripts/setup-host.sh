@@ -12,6 +12,7 @@ packages=(
   wrk                                    # load generator for benchmarks
   testssl.sh libengine-gost-openssl     # TLS scanner of the e2e suite (it warns without the GOST engine)
   prometheus                             # promtool and a real Prometheus for the alert and dashboard tests
+  chromium                               # headless browser of the API page tests (DevTools protocol)
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -27,6 +27,9 @@ from nginx_helpers import (
     wait_until,
 )
 
+from app.middleware import STRICT_CSP_HEADER
+from app.routes.docs import REDOC_CSP, SWAGGER_UI_CSP
+
 pytestmark = pytest.mark.integration
 
 RATE_LIMIT_RPS = 1
@@ -37,6 +40,7 @@ LOG_FIELDS = {
     "request_time", "upstream_addr", "upstream_status", "upstream_response_time", "ssl_protocol",
     "ssl_cipher", "http_user_agent", "host",
 }
+STRICT_CSP = STRICT_CSP_HEADER[1].decode()
 SECURITY_HEADERS = {
     "Strict-Transport-Security": "max-age=63072000",
     "X-Content-Type-Options": "nosniff",
@@ -182,7 +186,7 @@ def test_unknown_name_on_https_fails_the_handshake(edge, server_name):
 
 # Headers ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("path", ["/healthz", "/v1/models", "/no-such-route"])
+@pytest.mark.parametrize("path", ["/healthz", "/v1/models", "/no-such-route", "/docs", "/redoc"])
 def test_security_headers_on_service_responses(edge, source, path):
     response = edge.https("GET", path, source=source)
     assert response.status in (200, 404)
@@ -190,6 +194,24 @@ def test_security_headers_on_service_responses(edge, source, path):
         assert response.headers.get_all(name) == [value], name
     assert "default-src 'none'" in response.headers["Content-Security-Policy"]
     assert response.headers["Server"] == "nginx"
+
+
+# Only the two pages may load anything; their assets and every other answer allow nothing.
+POLICY_BY_PATH = {
+    "/docs": SWAGGER_UI_CSP,
+    "/redoc": REDOC_CSP,
+    "/docs/static/docs.js": STRICT_CSP,
+    "/docs/": STRICT_CSP,
+    "/healthz": STRICT_CSP,
+    "/openapi.json": STRICT_CSP,
+    "/no-such-route": STRICT_CSP,
+}
+
+
+@pytest.mark.parametrize("path", POLICY_BY_PATH)
+def test_content_security_policy_is_the_services_own_for_each_path(edge, source, path):
+    response = edge.https("GET", path, source=source)
+    assert response.headers.get_all("Content-Security-Policy") == [POLICY_BY_PATH[path]]
 
 
 @pytest.mark.parametrize("status", [404, 413, 429])
