@@ -1,19 +1,42 @@
 #!/usr/bin/env bash
 # Installs what the kit needs on a Debian 12 / Ubuntu 22.04+ controller (run as root):
 # the system packages used by the tests and the sandbox, and the Python venv.
+#   scripts/setup-host.sh                    everything `make test` needs
+#   scripts/setup-host.sh --without-sandbox  only what `make test-fast` needs (no sandbox hosts, no TLS
+#                                            scanner, no load generator): a CI runner of unit and
+#                                            integration tests, such as deploy/github/workflows/
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+with_sandbox=1
+for arg in "$@"; do
+  case "$arg" in
+    --without-sandbox) with_sandbox=0 ;;
+    -h|--help) sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "setup-host: unknown option $arg (known: --without-sandbox)" >&2; exit 2 ;;
+  esac
+done
 
 packages=(
   make python3-venv curl jq openssl socat  # venv and the commands the README uses
   redis-server nginx-light               # real rate-limit store and edge proxy for integration tests
-  systemd-container debootstrap          # sandbox hosts: systemd-nspawn over a debootstrapped Debian 12
-  pebble tinyproxy iproute2 openssh-client  # local ACME CA, sandbox egress, namespaces
-  wrk                                    # load generator for benchmarks
-  testssl.sh libengine-gost-openssl     # TLS scanner of the e2e suite (it warns without the GOST engine)
   prometheus                             # promtool and a real Prometheus for the alert and dashboard tests
-  chromium                               # headless browser of the API page tests (DevTools protocol)
+  shellcheck                             # checks the shell of the CI workflow example (with actionlint)
 )
+if [ "$with_sandbox" = 1 ]; then
+  packages+=(
+    systemd-container debootstrap          # sandbox hosts: systemd-nspawn over a debootstrapped Debian 12
+    pebble tinyproxy iproute2 openssh-client  # local ACME CA, sandbox egress, namespaces
+    wrk                                    # load generator for benchmarks
+    testssl.sh libengine-gost-openssl     # TLS scanner of the e2e suite (it warns without the GOST engine)
+  )
+fi
+# Headless browser of the API page tests (DevTools protocol): Debian's package, unless a Chromium or
+# Chrome build is already there (CI images carry one; Ubuntu packages Chromium only as a snap).
+if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null \
+    && ! command -v google-chrome >/dev/null; then
+  packages+=(chromium)
+fi
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -10,6 +10,8 @@ from __future__ import annotations
 import base64
 import itertools
 import json
+import os
+import shutil
 import subprocess
 import tempfile
 import urllib.request
@@ -28,6 +30,22 @@ document.addEventListener("securitypolicyviolation", (e) => {
   window.__cspViolations.push(e.violatedDirective + " " + (e.blockedURI || "inline"));
 });
 """
+
+
+# Debian's package is `chromium`; Ubuntu's is `chromium-browser`; CI images often carry Google's build.
+BROWSER_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+
+
+def browser_executable() -> str:
+    """$MLAPI_CHROMIUM, else the first Chromium build on PATH; an error that says how to install one."""
+    wanted = os.environ.get("MLAPI_CHROMIUM")
+    for name in (wanted,) if wanted else BROWSER_NAMES:
+        found = shutil.which(name)
+        if found:
+            return found
+    raise AssertionError(
+        f"no browser: {'MLAPI_CHROMIUM=' + wanted if wanted else ' '.join(BROWSER_NAMES)} not found on PATH; "
+        "run scripts/setup-host.sh, or set MLAPI_CHROMIUM to a Chromium or Chrome executable")
 
 
 def spki_hash(certificate: Path) -> str:
@@ -50,7 +68,7 @@ class Browser:
         self.profile = Path(tempfile.mkdtemp(prefix="chromium-", dir=workdir))
         rules = ", ".join(f"MAP {name} {address}" for name, address in (host_map or {}).items())
         argv = [
-            "chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            browser_executable(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
             "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-extensions",
             f"--user-data-dir={self.profile}", "--remote-debugging-address=127.0.0.1",
             "--remote-debugging-port=0", "--window-size=1280,1600",
