@@ -22,6 +22,7 @@ packages=(
   redis-server nginx-light               # real rate-limit store and edge proxy for integration tests
   prometheus                             # promtool and a real Prometheus for the alert and dashboard tests
   shellcheck                             # checks the shell of the CI workflow example (with actionlint)
+  libarchive-tools                       # bsdtar: the release archive must not depend on GNU tar
 )
 if [ "$with_sandbox" = 1 ]; then
   packages+=(
