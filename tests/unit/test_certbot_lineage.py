@@ -7,6 +7,7 @@ import base64
 import datetime
 import importlib.util
 import io
+import os
 import tarfile
 from pathlib import Path
 
@@ -49,6 +50,8 @@ def make_lineage(config: Path) -> None:
     for kind, data in (("cert", cert), ("chain", cert), ("fullchain", cert), ("privkey", key)):
         (archive / f"{kind}1.pem").write_bytes(data)
         (live / f"{kind}.pem").symlink_to(f"../../archive/{NAME}/{kind}1.pem")
+        # Made long before any restore, as on a host that has renewed for months.
+        os.utime(live / f"{kind}.pem", (1_600_000_000, 1_600_000_000), follow_symlinks=False)
     (account / "meta.json").write_text("{}")
     (config / "renewal" / f"{NAME}.conf").write_text(
         f"archive_dir = {archive}\n" + "".join(f"{k} = {live}/{k}.pem\n" for k in ("cert", "privkey", "chain", "fullchain"))

@@ -112,7 +112,9 @@ def make_backup(config_dir: str, cert_name: str) -> dict:
                 info = tar.gettarinfo(os.path.join(config_dir, path), arcname=path)
                 info.uid = info.gid = 0
                 info.uname = info.gname = "root"
-                info.mtime = int(info.mtime)  # whole seconds survive a restore exactly
+                # Whole seconds survive a restore exactly; a symlink's own time does not survive it at all
+                # (extraction makes it anew) and means nothing to certbot.
+                info.mtime = 0 if info.issym() else int(info.mtime)
                 if info.isreg():
                     with open(os.path.join(config_dir, path), "rb") as f:
                         tar.addfile(info, f)
