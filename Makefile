@@ -39,8 +39,9 @@ test: venv ## run the whole test suite: unit, integration and end-to-end
 test-fast: venv ## unit and integration tests only (no sandbox hosts)
 	$(BIN)/pytest -m "not e2e"
 
+# The sandbox's vault password comes from its file (0600): no prompt.
 PLAYBOOK := ANSIBLE_CONFIG=deploy/ansible/ansible.cfg $(BIN)/ansible-playbook \
-	-i deploy/ansible/inventories/sandbox -i .sandbox/inventory/hosts.yml
+	-i deploy/ansible/inventories/sandbox -i .sandbox/inventory/hosts.yml --vault-password-file .sandbox/vault-password
 
 demo: setup models ## as root: a sandbox host provisioned by site.yml, serving HTTPS with a local ACME CA
 	scripts/sandbox/sandbox up --hosts 1

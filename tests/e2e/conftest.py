@@ -10,13 +10,16 @@ from sandbox import Sandbox
 
 # Tests that bring up and tear down a sandbox of their own run before any test uses the shared one,
 # so they never take away hosts that a provisioned fixture still relies on; the cluster tests replace the
-# shared single host with three hosts, so they run after every other test.
+# shared single host with three hosts, so they run after every other test. The rebuild tests throw the
+# shared host's disk away (and provision it again), so they come after the other single-host tests.
 LIFECYCLE_TESTS = ("tests/e2e/test_sandbox_lifecycle.py::",)
+REBUILD_TESTS = ("tests/e2e/test_deploy_tls_rebuild.py::",)
 CLUSTER_TESTS = ("tests/e2e/test_cluster.py::",)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    items.sort(key=lambda item: (not item.nodeid.startswith(LIFECYCLE_TESTS), item.nodeid.startswith(CLUSTER_TESTS)))
+    items.sort(key=lambda item: (not item.nodeid.startswith(LIFECYCLE_TESTS), item.nodeid.startswith(CLUSTER_TESTS),
+                                 item.nodeid.startswith(REBUILD_TESTS)))
 
 
 @pytest.fixture(scope="session")

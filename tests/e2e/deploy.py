@@ -69,7 +69,8 @@ def run_playbook(sandbox: Sandbox, playbook: str, extra_vars: dict | None = None
                  options: tuple[str, ...] = (), timeout: float = PLAYBOOK_TIMEOUT) -> PlaybookRun:
     """Run deploy/ansible/<playbook> against the sandbox; the output is also kept in .cache/e2e/<label>.log."""
     cmd = [str(BIN / "ansible-playbook"), "-i", str(ANSIBLE_DIR / "inventories" / "sandbox"),
-           "-i", str(sandbox.inventory), *options, str(ANSIBLE_DIR / playbook)]
+           "-i", str(sandbox.inventory), "--vault-password-file", str(sandbox.vault_password_file), *options,
+           str(ANSIBLE_DIR / playbook)]
     if extra_vars:
         cmd += ["-e", json.dumps(extra_vars)]
     env = {**os.environ, "ANSIBLE_CONFIG": str(ANSIBLE_DIR / "ansible.cfg"), "ANSIBLE_NOCOLOR": "1",

@@ -99,6 +99,11 @@ class Sandbox:
         """Boot a powered-off host again and wait until systemd reports it running."""
         run_script("start", self.host(host).name, timeout=300)
 
+    def rebuild(self, host: str) -> None:
+        """Re-create a host from the base root filesystem, as a VM re-created from its image: same name and
+        addresses, nothing that was installed or written on it; returns once it has booted."""
+        run_script("rebuild", self.host(host).name, timeout=300)
+
     # --- what tests use ------------------------------------------------------------------------------------
 
     @property
@@ -140,6 +145,11 @@ class Sandbox:
     @property
     def inventory(self) -> Path:
         return Path(self.env["SANDBOX_INVENTORY"])
+
+    @property
+    def vault_password_file(self) -> Path:
+        """The sandbox's Ansible Vault password (mode 0600), what the playbooks run with."""
+        return Path(self.env["SANDBOX_VAULT_PASSWORD_FILE"])
 
     @property
     def app_ips(self) -> list[str]:
