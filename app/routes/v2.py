@@ -111,6 +111,14 @@ V2_ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
+# With binary outputs the answer is the JSON header, then the tensors (app/tensors.py).
+BINARY_RESPONSE: dict[str, Any] = {
+    "description": "The outputs as JSON; with binary_data outputs, the JSON header of "
+    "Inference-Header-Content-Length bytes followed by the binary tensor data.",
+    "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+}
+
+
 def _bad(message: str) -> APIError:
     return APIError(400, message)
 
@@ -489,7 +497,12 @@ def build_router(settings: Settings, limiter: Limiter) -> APIRouter:
             ("ready", model_ready, "GET", api_limit, {}),
             ("config", config, "GET", api_limit, {}),
             ("infer", infer, "POST", predict_limit,
-             {"response_model": InferenceResponse, "route_class_override": InferRoute}),
+             {"response_model": InferenceResponse, "route_class_override": InferRoute,
+              "responses": {**V2_ERRORS, 200: BINARY_RESPONSE},
+              "description": "The body is JSON with any Content-Type or none, optionally gzip or deflate "
+              "(Content-Encoding), or the binary tensor data extension's JSON header of "
+              "Inference-Header-Content-Length bytes followed by the tensors. Outputs: predict alone "
+              "unless outputs names predict_proba too."}),
         ):
             operation_id = f"v2_model_{kind}{tag}"
             route_endpoint = _route_endpoint(endpoint, operation_id, versioned=bool(suffix))
@@ -498,9 +511,8 @@ def build_router(settings: Settings, limiter: Limiter) -> APIRouter:
                 limit(route_endpoint),
                 methods=[method],
                 dependencies=deps,
-                responses=V2_ERRORS,
                 summary=summaries[kind],
                 operation_id=operation_id,
-                **extra,
+                **({"responses": V2_ERRORS} | extra),
             )
     return router
