@@ -13,7 +13,6 @@ from app.registry import ModelRegistry
 from app.security import check_api_key
 from app.settings import Settings
 
-
 # These do no I/O, so they are `async def`: FastAPI would otherwise hand each one to
 # its threadpool, a thread switch per dependency per request.
 

@@ -31,8 +31,8 @@ from app.inference import Scored, score, shadow_score
 from app.packaging import LoadedModel
 from app.registry import ModelRegistry, ServedModel, UnknownModel
 from app.responses import FastJSONResponse
-from app.schemas import ProtocolError
 from app.routes.health import readiness
+from app.schemas import ProtocolError
 from app.security import shared_limit
 from app.settings import Settings
 
