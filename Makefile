@@ -20,11 +20,12 @@ venv: $(BIN)/.installed ## create the venv with every Python dependency and the 
 
 # The project itself (the mlapi command) goes in last, editable and without dependencies: the pins of the
 # requirements are the versions, and a change to app/ needs no reinstall.
-$(BIN)/.installed: requirements.txt requirements-dev.txt pyproject.toml
+$(BIN)/.installed: requirements.txt requirements-dev.txt pyproject.toml $(wildcard tests/client_envs/*.txt)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -r requirements-dev.txt
 	$(BIN)/pip install -q --no-deps -e .
+	$(BIN)/python -m tests.client_envs
 	touch $@
 
 models: venv ## train and package the demo models unless they exist

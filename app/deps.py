@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import inspect
+from typing import Annotated, Any
 
 from fastapi import Depends, Header, Request
 from starlette.concurrency import run_in_threadpool
@@ -11,7 +12,6 @@ from app.errors import APIError
 from app.registry import ModelRegistry
 from app.security import check_api_key
 from app.settings import Settings
-
 
 # These do no I/O, so they are `async def`: FastAPI would otherwise hand each one to
 # its threadpool, a thread switch per dependency per request.
@@ -63,3 +63,19 @@ VersionOverride = Annotated[
     str | None,
     Header(alias="X-Model-Version", max_length=MODEL_VERSION_MAX_LENGTH, description="Serve this model version, bypassing the weights."),
 ]
+
+
+def path_version_signature(func: Any, versioned: bool, **annotations: Any) -> inspect.Signature:
+    """``func``'s signature for a route: ``version`` a required string path parameter where the path has one
+    and no parameter where it has none (so the schema never calls it optional), and the parameters named in
+    ``annotations`` given those types."""
+    params = []
+    for param in inspect.signature(func).parameters.values():
+        if param.name in annotations:
+            param = param.replace(annotation=annotations[param.name])
+        elif param.name == "version":
+            if not versioned:
+                continue
+            param = param.replace(annotation=str, default=inspect.Parameter.empty)
+        params.append(param)
+    return inspect.signature(func).replace(parameters=params)

@@ -1,8 +1,9 @@
 """One JSON error shape for every error the service returns.
 
 ``{"error": {"code": ..., "message": ..., "request_id": ..., "details": [...]}}``
-on /v1 and everywhere else; the Open Inference Protocol (/v2) wants
-``{"error": "..."}`` instead, so its routes get that.
+on /v1 and everywhere else; the Open Inference Protocol (/v2) and KServe's V1
+protocol (``/v1/models/{name}:predict``) want ``{"error": "..."}`` instead, so
+their routes get that.
 """
 
 from __future__ import annotations
@@ -56,8 +57,13 @@ class APIError(Exception):
         self.headers = headers or {}
 
 
+def protocol_error_shape(path: str) -> bool:
+    """Whether ``path`` belongs to a protocol whose errors are ``{"error": "..."}``."""
+    return path.startswith("/v2") or path.endswith(":predict")
+
+
 def error_body(path: str, code: str, message: str, details: list[dict[str, Any]]) -> dict[str, Any]:
-    if path.startswith("/v2"):
+    if protocol_error_shape(path):
         detail = "; ".join(f"{'.'.join(map(str, d.get('loc', [])))}: {d.get('msg')}" for d in details)
         return {"error": f"{message} ({detail})" if detail else message}
     return {"error": {"code": code, "message": message, "request_id": request_id_var.get(), "details": details}}

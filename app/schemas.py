@@ -138,6 +138,14 @@ class BatchPrediction(BaseModel):
     model_config = ConfigDict(protected_namespaces=())
 
 
+class KServePrediction(BaseModel):
+    """KServe's V1 protocol answer: one prediction per instance, in order."""
+
+    predictions: list[str | int | float]
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"predictions": ["setosa", "virginica"]}]})
+
+
 class ErrorDetail(BaseModel):
     loc: list[str | int] = Field(default_factory=list)
     msg: str
@@ -167,4 +175,15 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         429: "Rate limit exceeded; see Retry-After.",
         503: "Not ready: no model loaded or the rate-limit store is down.",
     }.items()
+}
+
+
+class ProtocolError(BaseModel):
+    """The error shape of the Open Inference Protocol (/v2) and KServe's V1 protocol: one message."""
+
+    error: str = Field(description="What was wrong and what to do.")
+
+
+PROTOCOL_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ProtocolError, "description": spec["description"]} for status, spec in ERROR_RESPONSES.items()
 }

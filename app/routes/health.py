@@ -29,6 +29,11 @@ def store_answers(request: Request) -> bool:
     return bool(request.app.state.rate_store.check(request.app.state.limiter.limiter.storage))
 
 
+@router.get("/", summary="Liveness as KServe's V1 protocol asks it (its SDK's is_server_live)")
+async def root() -> dict[str, Any]:
+    return {"status": "alive"}
+
+
 @router.get("/healthz", summary="Liveness: the process answers")
 async def healthz() -> dict[str, Any]:
     return {"status": "ok"}

@@ -36,6 +36,8 @@ def version_info(registry: ModelRegistry, served: ServedModel, model: LoadedMode
 def model_info(registry: ModelRegistry, served: ServedModel) -> dict[str, Any]:
     return {
         "name": served.name,
+        # KServe's V1 protocol reads this (its SDK's is_model_ready): a listed model is loaded and serving.
+        "ready": True,
         "default_version": served.default_version,
         "versions": [version_info(registry, served, m) for m in served.versions.values()],
         "refused": served.failures,

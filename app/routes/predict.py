@@ -16,7 +16,6 @@ included, goes through FastAPI unchanged, so errors keep one code path.
 # No `from __future__ import annotations`: FastAPI reads the per-model body
 # types from these closures' annotations at route creation.
 
-import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,13 +35,22 @@ from app.deps import (
     UserId,
     VersionOverride,
     api_key,
+    path_version_signature,
 )
 from app.errors import APIError
 from app.inference import Scored, score, scores_inline, shadow_score
 from app.packaging import Manifest
 from app.registry import ModelRegistry, UnknownModel
 from app.responses import FastJSONResponse
-from app.schemas import ERROR_RESPONSES, BatchPrediction, Prediction, field_names, request_models
+from app.schemas import (
+    ERROR_RESPONSES,
+    PROTOCOL_ERROR_RESPONSES,
+    BatchPrediction,
+    KServePrediction,
+    Prediction,
+    field_names,
+    request_models,
+)
 from app.security import shared_limit
 from app.settings import Settings
 
@@ -177,6 +185,21 @@ def build_router(manifests: dict[str, Manifest], default: str | None, settings: 
                 _add_route(router, path, name, names, body_type, limit, settings, batch=batch, versioned=False)
             _add_route(router, f"/models/{name}/versions/{{version}}{suffix}", name, names, body_type, limit,
                        settings, batch=batch, versioned=True)
+        # KServe's V1 protocol: {"instances": [...]} in, {"predictions": [...]} out, errors {"error": "..."}.
+        _add_route(router, f"/models/{name}:predict", name, names, batch_body, limit, settings, batch=True,
+                   versioned=False, kserve=True)
+
+    async def kserve_unknown_model(request: Request, name: str) -> None:
+        # Without this, GET /v1/models/{name} would match the path and answer 405.
+        try:
+            request.app.state.registry.get(name)
+        except UnknownModel as exc:
+            raise APIError(404, str(exc), code="model_not_found") from None
+        raise APIError(404, f"model {name!r} has no prediction routes: its manifest could not shape them at start; "
+                            "see the log, fix the package and restart", code="model_not_found")
+
+    router.add_api_route("/models/{name}:predict", kserve_unknown_model, methods=["POST"], include_in_schema=False,
+                         route_class_override=APIRoute)
     return router
 
 
@@ -201,6 +224,10 @@ def _batch_response(scored: Scored, request_id: str) -> dict[str, Any]:
     }
 
 
+def _kserve_response(scored: Scored, request_id: str) -> dict[str, Any]:
+    return {"predictions": scored.predictions()}
+
+
 def _add_route(
     router: APIRouter,
     path: str,
@@ -212,8 +239,9 @@ def _add_route(
     *,
     batch: bool,
     versioned: bool,
+    kserve: bool = False,
 ) -> None:
-    respond = _batch_response if batch else _single_response
+    respond = _kserve_response if kserve else _batch_response if batch else _single_response
 
     def endpoint(
         request: Request,
@@ -229,14 +257,17 @@ def _add_route(
         scored = _run(request, registry, background, name, X, user_id, version or model_version)
         return FastJSONResponse(respond(scored, request.state.request_id))
 
-    operation_id = _operation_id("predict_batch" if batch else "predict", path)
+    operation_id = _operation_id("kserve_v1_predict" if kserve else "predict_batch" if batch else "predict", path)
     _bind(endpoint, body_type, versioned, operation_id)
     what = "a batch of instances in one call into the model" if batch else "one instance"
+    if kserve:
+        what = "instances with KServe's V1 protocol"
     router.add_api_route(
         path,
         limit(endpoint),
         methods=["POST"],
-        response_model=BatchPrediction if batch else Prediction,
+        response_model=KServePrediction if kserve else BatchPrediction if batch else Prediction,
+        responses=PROTOCOL_ERROR_RESPONSES if kserve else None,
         summary=f"Predict {what} with model {name!r}" + (" at a given version" if versioned else ""),
         operation_id=operation_id,
     )
@@ -253,16 +284,7 @@ def _bind(endpoint: Any, body_type: type, versioned: bool, operation_id: str) ->
     and closures sharing one would each count every request again.
     """
     endpoint.__name__ = endpoint.__qualname__ = operation_id
-    params = []
-    for param in inspect.signature(endpoint).parameters.values():
-        if param.name == "body":
-            param = param.replace(annotation=body_type)
-        elif param.name == "version":
-            if not versioned:
-                continue
-            param = param.replace(annotation=str, default=inspect.Parameter.empty)
-        params.append(param)
-    endpoint.__signature__ = inspect.signature(endpoint).replace(parameters=params)
+    endpoint.__signature__ = path_version_signature(endpoint, versioned, body=body_type)
 
 
 def _operation_id(kind: str, path: str) -> str:

@@ -1,37 +1,44 @@
 """Open Inference Protocol v2 (REST), so KServe, MLServer and Triton clients work unchanged.
 
 Inputs come either as one tensor of shape [n, n_features] in manifest order, or
-as one tensor per feature named after it (shape [n] or [n, 1]). Outputs follow
-MLServer's scikit-learn runtime: ``predict`` (labels or values) and, for
-classifiers, ``predict_proba`` ([n, n_classes], class order in parameters).
-Errors are ``{"error": "..."}`` as the protocol asks.
+as one tensor per feature named after it (shape [n] or [n, 1]), as JSON or as
+binary tensor data (app/tensors.py), in a body that may be gzip or deflate
+compressed and may carry any Content-Type (tritonclient sends none). Outputs
+follow MLServer's scikit-learn runtime: ``predict`` alone unless outputs are
+requested (labels or values, shape [n, 1]), ``predict_proba`` on request for
+classifiers ([n, n_classes], class order in parameters), each as JSON or binary
+data, and the classification extension's top classes. Errors are
+``{"error": "..."}`` as the protocol asks.
 """
 
 import functools
 import math
+from collections.abc import Callable, Coroutine
 from typing import Any, Literal
 
 import numpy as np
+import orjson
 from fastapi import APIRouter, BackgroundTasks, Request
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field
 from slowapi import Limiter
+from starlette.responses import Response
 
-from app import __version__
-from app.deps import ApiKey, RegistryDep
+from app import __version__, tensors
+from app.deps import ApiKey, RegistryDep, path_version_signature
 from app.errors import APIError
-from app.inference import score, shadow_score
+from app.inference import Scored, score, shadow_score
 from app.packaging import LoadedModel
 from app.registry import ModelRegistry, ServedModel, UnknownModel
 from app.responses import FastJSONResponse
 from app.routes.health import readiness
+from app.schemas import ProtocolError
 from app.security import shared_limit
 from app.settings import Settings
 
-Datatype = Literal["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64"]
-
-
-class V2Error(BaseModel):
-    error: str
+Datatype = Literal[
+    "BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64", "BYTES"
+]
 
 
 class RequestInput(BaseModel):
@@ -39,19 +46,24 @@ class RequestInput(BaseModel):
     name: str = Field(max_length=256)
     shape: list[int] = Field(min_length=1, max_length=2)
     datatype: Datatype
-    parameters: dict[str, Any] | None = None
-    data: list[Any]
+    parameters: dict[str, Any] | None = Field(
+        None, description="binary_data_size: the tensor's bytes after the JSON header (binary tensor data)."
+    )
+    data: list[Any] | None = Field(None, description="The values, row major; absent when sent as binary data.")
 
 
 class RequestOutput(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str
-    parameters: dict[str, Any] | None = None
+    parameters: dict[str, Any] | None = Field(
+        None, description="binary_data: true for binary tensor data; classification: k for the top k classes."
+    )
 
 
 class InferenceRequest(BaseModel):
+    # Other top-level fields are ignored, as the protocol allows: the KServe SDK always sends model_name.
     model_config = ConfigDict(
-        extra="forbid",
+        extra="ignore",
         json_schema_extra={
             "examples": [
                 {
@@ -62,7 +74,9 @@ class InferenceRequest(BaseModel):
         },
     )
     id: str | None = Field(None, max_length=256)
-    parameters: dict[str, Any] | None = None
+    parameters: dict[str, Any] | None = Field(
+        None, description="binary_data_output: true for every output as binary tensor data."
+    )
     inputs: list[RequestInput] = Field(min_length=1, max_length=1024)
     outputs: list[RequestOutput] | None = None
 
@@ -85,12 +99,23 @@ class InferenceResponse(BaseModel):
 
 
 V2_ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"model": V2Error, "description": "Invalid inference request."},
-    401: {"model": V2Error, "description": "API key missing."},
-    403: {"model": V2Error, "description": "API key not accepted, or a version that takes no traffic."},
-    404: {"model": V2Error, "description": "Unknown model or version."},
-    413: {"model": V2Error, "description": "More rows than MLAPI_MAX_BATCH_SIZE, or a body over the limit."},
-    429: {"model": V2Error, "description": "Rate limit exceeded."},
+    400: {"model": ProtocolError, "description": "Invalid inference request."},
+    401: {"model": ProtocolError, "description": "API key missing."},
+    403: {"model": ProtocolError, "description": "API key not accepted, or a version that takes no traffic."},
+    404: {"model": ProtocolError, "description": "Unknown model or version."},
+    413: {"model": ProtocolError, "description": "More rows than MLAPI_MAX_BATCH_SIZE, or a body over the limit."},
+    415: {"model": ProtocolError, "description": "A Content-Encoding other than gzip or deflate."},
+    422: {"model": ProtocolError, "description": "The body does not match the protocol's schema; the message names the field."},
+    429: {"model": ProtocolError, "description": "Rate limit exceeded; see Retry-After."},
+    503: {"model": ProtocolError, "description": "Not ready: no model loaded or the rate-limit store is down."},
+}
+
+
+# With binary outputs the answer is the JSON header, then the tensors (app/tensors.py).
+BINARY_RESPONSE: dict[str, Any] = {
+    "description": "The outputs as JSON; with binary_data outputs, the JSON header of "
+    "Inference-Header-Content-Length bytes followed by the binary tensor data.",
+    "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
 }
 
 
@@ -198,9 +223,14 @@ def _datatype(values: np.ndarray) -> str:
     return "BYTES"
 
 
+def _triton_type(datatype: str) -> str:
+    """A datatype as Triton's model configuration names it (BYTES is TYPE_STRING there)."""
+    return "TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}"
+
+
 def _model_metadata(served: ServedModel, model: LoadedModel) -> dict[str, Any]:
     k = len(model.feature_names)
-    outputs = [{"name": "predict", "datatype": "BYTES" if model.task == "classifier" else "FP64", "shape": [-1]}]
+    outputs = [{"name": "predict", "datatype": "BYTES" if model.task == "classifier" else "FP64", "shape": [-1, 1]}]
     if model.task == "classifier":
         outputs.append({"name": "predict_proba", "datatype": "FP64", "shape": [-1, len(model.classes or [])]})
     return {
@@ -213,12 +243,178 @@ def _model_metadata(served: ServedModel, model: LoadedModel) -> dict[str, Any]:
     }
 
 
-def _renamed(func: Any, name: str) -> Any:
+def _model_config(served: ServedModel, model: LoadedModel, max_batch_size: int) -> dict[str, Any]:
+    """The model configuration extension's answer, in Triton's form, from what the manifest knows."""
+    metadata = _model_metadata(served, model)
+    return {
+        "name": served.name,
+        "platform": metadata["platform"],
+        "backend": metadata["platform"],
+        "version_policy": {"specific": {"versions": metadata["versions"]}},
+        "max_batch_size": max_batch_size,
+        "input": [
+            {"name": t["name"], "data_type": _triton_type(t["datatype"]), "dims": t["shape"][1:]}
+            for t in metadata["inputs"]
+        ],
+        "output": [
+            {"name": t["name"], "data_type": _triton_type(t["datatype"]), "dims": t["shape"][1:]}
+            for t in metadata["outputs"]
+        ],
+        "parameters": {
+            "version": model.version,
+            "task": model.task,
+            "features": [{"name": f.name, "type": f.type} for f in model.manifest.features],
+            "classes": model.classes,
+            "engine": model.engine.name,
+        },
+    }
+
+
+def _with_binary_inputs(body: InferenceRequest, binary: bytes) -> list[RequestInput]:
+    """The inputs with the values of those sent as binary tensor data read into ``data``."""
+    inputs, offset = [], 0
+    for t in body.inputs:
+        size = tensors.binary_size(t.parameters)
+        if size is None:
+            if t.data is None:
+                raise _bad(f"input {t.name!r} has no data; give data, or binary_data_size and the binary data")
+            inputs.append(t)
+            continue
+        if t.data is not None:
+            raise _bad(f"input {t.name!r} has both data and binary_data_size; send its values one way")
+        if offset + size > len(binary):
+            raise _bad(
+                f"input {t.name!r}: binary_data_size is {size} but only {len(binary) - offset} bytes of binary "
+                "data are left after the JSON header (Inference-Header-Content-Length)"
+            )
+        values = tensors.read_binary(t.name, t.datatype, t.shape, binary[offset : offset + size])
+        offset += size
+        inputs.append(t.model_copy(update={"data": values}))
+    if offset != len(binary):
+        raise _bad(
+            f"{len(binary) - offset} bytes follow the JSON header that no input's binary_data_size accounts for"
+            + ("" if binary[:offset] else "; without binary inputs, leave out Inference-Header-Content-Length")
+        )
+    return inputs
+
+
+def _top_classes(probabilities: np.ndarray, classes: list[Any], k: int) -> np.ndarray:
+    """The classification extension: per row the k likeliest classes as "probability:index:label"."""
+    order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
+    return np.array(
+        [[f"{row[j]:f}:{j}:{classes[j]}" for j in top] for row, top in zip(probabilities, order)], dtype=object
+    )
+
+
+def _output_names(model: LoadedModel) -> list[str]:
+    return ["predict", "predict_proba"] if model.task == "classifier" else ["predict"]
+
+
+def _requested_outputs(body: InferenceRequest, available: list[str]) -> list[tuple[str, int, bool]]:
+    """(name, top classes or 0, binary?) per output, as MLServer's scikit-learn runtime selects them:
+    ``predict`` alone unless outputs are named; an unknown name (predict_proba of a regressor) is a 400."""
+    binary_default = (body.parameters or {}).get("binary_data_output", False)
+    requested = []
+    for output in body.outputs or [RequestOutput(name="predict")]:
+        if output.name not in available:
+            raise _bad(f"unknown output {output.name!r}; this model gives {available}")
+        wanted = output.parameters or {}
+        binary = wanted.get("binary_data", binary_default)
+        if type(binary) is not bool:
+            raise _bad(f"output {output.name!r}: binary_data must be true or false, got {binary!r}")
+        k = wanted.get("classification", 0)
+        if type(k) is not int or k < 0:
+            raise _bad(f"output {output.name!r}: classification must be a whole number of classes, got {k!r}")
+        if k and output.name != "predict_proba":
+            raise _bad(
+                f"output {output.name!r}: the classification extension ranks the classes of predict_proba; "
+                "ask for predict_proba with classification"
+            )
+        requested.append((output.name, k, binary))
+    return requested
+
+
+def _outputs(scored: Scored, requested: list[tuple[str, int, bool]]) -> list[tuple[dict[str, Any], np.ndarray, bool]]:
+    """(output without its data, values, binary?) per requested output."""
+    n = scored.labels.shape[0]
+    outputs = []
+    for name, k, binary in requested:
+        if name == "predict":
+            values, parameters = scored.labels.reshape(n, 1), {"content_type": "np"}
+        else:
+            assert scored.probabilities is not None
+            values, parameters = scored.probabilities, {"content_type": "np", "classes": scored.model.classes}
+            if k:
+                values, parameters = _top_classes(values, scored.model.classes or [], min(k, values.shape[1])), {}
+        entry = {"name": name, "shape": list(values.shape), "datatype": _datatype(values), "parameters": parameters}
+        outputs.append((entry, values, binary))
+    return outputs
+
+
+def _infer_response(
+    request: Request, payload: dict[str, Any], outputs: list[tuple[dict[str, Any], np.ndarray, bool]]
+) -> Response:
+    """JSON, or JSON and then binary tensor data; compressed when the client accepts it."""
+    chunks = []
+    for entry, values, binary in outputs:
+        if binary:
+            chunk = tensors.to_binary(values, entry["datatype"])
+            entry["parameters"] = {**entry["parameters"], "binary_data_size": len(chunk)}
+            chunks.append(chunk)
+        else:
+            entry["data"] = values.reshape(-1).tolist()
+        if not entry["parameters"]:
+            del entry["parameters"]
+    payload["outputs"] = [entry for entry, _, _ in outputs]
+    content = orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS)
+    headers = {"vary": "Accept-Encoding"}
+    media_type = "application/json"
+    if chunks:
+        headers[tensors.HEADER_LENGTH] = str(len(content))
+        media_type = "application/octet-stream"
+        content = b"".join([content, *chunks])
+    coding = tensors.response_encoding(request.headers.get("accept-encoding"))
+    if coding is not None:
+        content = tensors.compress(content, coding)
+        headers["content-encoding"] = coding
+    return Response(content, media_type=media_type, headers=headers)
+
+
+class InferRoute(APIRoute):
+    """An infer route reads the body as real clients send it before FastAPI parses the JSON: with any
+    Content-Type or none, gzip or deflate compressed, the JSON header followed by binary tensor data."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def route(request: Request) -> Response:
+            limit = request.app.state.settings.max_body_bytes
+            raw = await request.body()  # the middleware's limit holds for the body as sent
+            body = tensors.decompress(raw, request.headers.get("content-encoding"), limit)
+            header, binary = tensors.split_body(body, request.headers.get(tensors.HEADER_LENGTH))
+            request.state.binary_tensor_data = binary
+            scope = dict(request.scope)
+            scope["headers"] = [
+                (k, v) for k, v in request.scope["headers"]
+                if k not in (b"content-type", b"content-encoding", b"content-length")
+            ] + [(b"content-type", b"application/json")]
+            parsed = Request(scope, request.receive)
+            parsed._body = header
+            return await handler(parsed)
+
+        return route
+
+
+def _route_endpoint(func: Any, name: str, versioned: bool) -> Any:
+    """A distinct function per route (slowapi files limits by function name) whose ``version`` is a required
+    string path parameter where the path has one, and no parameter where it has none."""
+
     @functools.wraps(func)
     def endpoint(*args: Any, **kwargs: Any) -> Any:
         return func(*args, **kwargs)
 
     endpoint.__name__ = endpoint.__qualname__ = name
+    endpoint.__signature__ = path_version_signature(func, versioned)  # type: ignore[attr-defined]
     return endpoint
 
 
@@ -238,13 +434,13 @@ def build_router(settings: Settings, limiter: Limiter) -> APIRouter:
 
     @router.get("", summary="Server metadata")
     def server_metadata() -> dict[str, Any]:
-        return {"name": "mlapi", "version": __version__, "extensions": []}
+        return {"name": "mlapi", "version": __version__, "extensions": tensors.EXTENSIONS}
 
     @router.get("/health/live", summary="Server liveness")
     async def live() -> dict[str, Any]:
         return {"live": True}
 
-    @router.get("/health/ready", summary="Server readiness (503 when not ready)")
+    @router.get("/health/ready", summary="Server readiness (503 when not ready)", responses={503: V2_ERRORS[503]})
     def ready(request: Request) -> FastJSONResponse:
         ok, reasons = readiness(request)
         if not ok:
@@ -259,6 +455,10 @@ def build_router(settings: Settings, limiter: Limiter) -> APIRouter:
         lookup(registry, name, version)
         return FastJSONResponse({"name": name, "ready": True})
 
+    def config(request: Request, registry: RegistryDep, name: str, version: str | None = None) -> FastJSONResponse:
+        served, model = lookup(registry, name, version)
+        return FastJSONResponse(_model_config(served, model, settings.max_batch_size))
+
     def infer(
         request: Request,
         body: InferenceRequest,
@@ -266,63 +466,53 @@ def build_router(settings: Settings, limiter: Limiter) -> APIRouter:
         registry: RegistryDep,
         name: str,
         version: str | None = None,
-    ) -> FastJSONResponse:
+    ) -> Response:
         # The version is checked before the body: a refused version costs no decoding.
         served, reference = lookup(registry, name, version)
-        X = to_matrix(body, reference, settings.max_abs_value, settings.max_batch_size)
+        inputs = _with_binary_inputs(body, getattr(request.state, "binary_tensor_data", b""))
+        X = to_matrix(body.model_copy(update={"inputs": inputs}), reference, settings.max_abs_value,
+                      settings.max_batch_size)
+        # Outputs are checked before scoring: a request the model cannot answer costs no inference.
+        requested = _requested_outputs(body, _output_names(reference))
         user = request.headers.get("x-user-id")
         scored = score(registry, served, X, user_id=user, version=version, state=request.state)
         request.app.state.prediction_log.write(request.state, scored, X)
         if served.shadow is not None:
             background.add_task(shadow_score, served, scored, X, request.state.request_id)
-        n = X.shape[0]
-        outputs = [
-            {"name": "predict", "shape": [n], "datatype": _datatype(scored.labels), "data": scored.labels.tolist()}
-        ]
-        if scored.probabilities is not None:
-            outputs.append(
-                {
-                    "name": "predict_proba",
-                    "shape": list(scored.probabilities.shape),
-                    "datatype": "FP64",
-                    "parameters": {"classes": scored.model.classes},
-                    "data": scored.probabilities.reshape(-1).tolist(),
-                }
-            )
-        if body.outputs:
-            wanted = {o.name for o in body.outputs}
-            unknown = wanted - {o["name"] for o in outputs}
-            if unknown:
-                raise _bad(f"unknown outputs {sorted(unknown)}; available: {[o['name'] for o in outputs]}")
-            outputs = [o for o in outputs if o["name"] in wanted]
-        return FastJSONResponse(
-            {
-                "model_name": name,
-                "model_version": scored.model.version,
-                "id": body.id if body.id is not None else request.state.request_id,
-                "outputs": outputs,
-            }
-        )
+        outputs = _outputs(scored, requested)
+        payload = {
+            "model_name": name,
+            "model_version": scored.model.version,
+            "id": body.id if body.id is not None else request.state.request_id,
+        }
+        return _infer_response(request, payload, outputs)
 
     deps = [ApiKey]
+    summaries = {"metadata": "Model metadata", "ready": "Model readiness", "config": "Model configuration",
+                 "infer": "Inference"}
     for suffix in ("", "/versions/{version}"):
         tag = "_versioned" if suffix else ""
         for kind, endpoint, method, limit, extra in (
             ("metadata", metadata, "GET", api_limit, {}),
             ("ready", model_ready, "GET", api_limit, {}),
-            ("infer", infer, "POST", predict_limit, {"response_model": InferenceResponse}),
+            ("config", config, "GET", api_limit, {}),
+            ("infer", infer, "POST", predict_limit,
+             {"response_model": InferenceResponse, "route_class_override": InferRoute,
+              "responses": {**V2_ERRORS, 200: BINARY_RESPONSE},
+              "description": "The body is JSON with any Content-Type or none, optionally gzip or deflate "
+              "(Content-Encoding), or the binary tensor data extension's JSON header of "
+              "Inference-Header-Content-Length bytes followed by the tensors. Outputs: predict alone "
+              "unless outputs names predict_proba too."}),
         ):
             operation_id = f"v2_model_{kind}{tag}"
-            # A distinct function per route: slowapi files limits by function name.
-            route_endpoint = _renamed(endpoint, operation_id)
+            route_endpoint = _route_endpoint(endpoint, operation_id, versioned=bool(suffix))
             router.add_api_route(
                 f"/models/{{name}}{suffix}" + ("" if kind == "metadata" else f"/{kind}"),
                 limit(route_endpoint),
                 methods=[method],
                 dependencies=deps,
-                responses=V2_ERRORS,
-                summary={"metadata": "Model metadata", "ready": "Model readiness", "infer": "Inference"}[kind],
+                summary=summaries[kind],
                 operation_id=operation_id,
-                **extra,
+                **({"responses": V2_ERRORS} | extra),
             )
     return router

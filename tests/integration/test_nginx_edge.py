@@ -288,6 +288,28 @@ def test_burst_over_the_limit_gets_429_in_the_error_shape(edge, source):
     assert refused[0].headers["Retry-After"] == "1"
 
 
+PROTOCOL_REQUESTS = {
+    "v2-infer": ("POST", "/v2/models/iris/infer",
+                 {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP64", "data": [5.1, 3.5, 1.4, 0.2]}]}),
+    "v2-metadata": ("GET", "/v2/models/iris", None),
+    "kserve-v1": ("POST", "/v1/models/iris:predict", {"instances": [[5.1, 3.5, 1.4, 0.2]]}),
+}
+
+
+@pytest.mark.parametrize("case", list(PROTOCOL_REQUESTS))
+def test_protocol_routes_are_rate_limited_with_their_error_shape(edge, source, case):
+    method, path, body = PROTOCOL_REQUESTS[case]
+    payload = json.dumps(body).encode() if body is not None else None
+    statuses = [edge.https(method, path, payload, {"Content-Type": "application/json"}, source=source)
+                for _ in range(RATE_LIMIT_BURST + 30)]
+    assert {r.status for r in statuses} <= {200, 429}
+    refused = [r for r in statuses if r.status == 429]
+    assert refused, f"a burst over the limit on {path} must be refused"
+    assert set(refused[0].json()) == {"error"} and "Retry-After" in refused[0].json()["error"]
+    assert refused[0].headers["Retry-After"] == "1"
+    assert refused[0].headers["Content-Type"] == "application/json"
+
+
 @pytest.mark.parametrize("path", ["/healthz", "/readyz"])
 def test_health_routes_are_not_rate_limited(edge, source, path):
     statuses = {edge.https("GET", path, source=source).status for _ in range(RATE_LIMIT_BURST + 20)}

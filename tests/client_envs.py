@@ -1,0 +1,58 @@
+"""Virtual environments for the client libraries whose pins conflict with the service's own.
+
+The KServe SDK pins older pandas and protobuf, MLServer an older FastAPI and Starlette: neither can
+share the service's venv. Each gets a venv of its own under .cache/client-envs/, built from its pinned
+requirements file in tests/client_envs/ (rebuilt when that file changes); the tests run those clients
+in a subprocess. `make venv` builds them too (``python -m tests.client_envs``), so a clean machine has
+them before the first test.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+REQUIREMENTS = ROOT / "tests" / "client_envs"
+CACHE = ROOT / ".cache" / "client-envs"
+NAMES = ("kserve", "mlserver")
+
+
+def _base_python() -> str:
+    """The interpreter the service's venv was made from (venv copies of it work too)."""
+    return getattr(sys, "_base_executable", None) or sys.executable
+
+
+def client_python(name: str) -> Path:
+    """The python of the client venv ``name``, built first if missing or out of date."""
+    requirements = REQUIREMENTS / f"{name}.txt"
+    digest = hashlib.sha256(requirements.read_bytes()).hexdigest()[:16]
+    target = CACHE / f"{name}-{digest}"
+    python = target / "bin" / "python"
+    marker = target / ".installed"
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with open(CACHE / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two test runs never build the same venv at once
+        if marker.exists():
+            return python
+        shutil.rmtree(target, ignore_errors=True)
+        for stale in CACHE.glob(f"{name}-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        subprocess.run([_base_python(), "-m", "venv", str(target)], check=True)
+        result = subprocess.run(
+            [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", "-r", str(requirements)],
+            check=False, capture_output=True, text=True, timeout=1800,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"installing {requirements} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+        marker.touch()
+    return python
+
+
+if __name__ == "__main__":
+    for env in sys.argv[1:] or NAMES:
+        print(client_python(env))

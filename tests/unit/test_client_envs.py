@@ -1,0 +1,31 @@
+"""The client venvs' requirements (tests/client_envs/) against the service's own pins."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def pins(path: Path) -> dict[str, str]:
+    found = {}
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if "==" in line:
+            name, version = line.split("==", 1)
+            found[name.split("[", 1)[0].strip().lower()] = version.strip()
+    return found
+
+
+def test_mlserver_loads_the_model_with_the_versions_that_built_it():
+    """MLServer must unpickle the same model.joblib: scikit-learn, numpy and joblib as requirements.txt."""
+    service = pins(ROOT / "requirements.txt")
+    mlserver = pins(ROOT / "tests" / "client_envs" / "mlserver.txt")
+    for name in ("scikit-learn", "numpy", "joblib"):
+        assert mlserver[name] == service[name], f"tests/client_envs/mlserver.txt pins {name} apart from requirements.txt"
+
+
+def test_every_client_env_is_pinned():
+    for requirements in (ROOT / "tests" / "client_envs").glob("*.txt"):
+        lines = [ln.split("#", 1)[0].strip() for ln in requirements.read_text().splitlines()]
+        assert all("==" in ln for ln in lines if ln), f"{requirements.name}: every requirement needs an exact pin"
