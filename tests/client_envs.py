@@ -1,9 +1,10 @@
 """Virtual environments for the client libraries whose pins conflict with the service's own.
 
 The KServe SDK pins older pandas and protobuf, MLServer an older FastAPI and Starlette: neither can
-share the service's venv. Each gets a venv of its own under .cache/client-envs/, built from its pinned
-requirements file in tests/client_envs/ (rebuilt when that file changes); the tests run those clients
-in a subprocess. `make venv` builds them too (``python -m tests.client_envs``), so a clean machine has
+share the service's venv. Each gets a venv of its own, built from its pinned requirements file in
+tests/client_envs/ and kept per machine (``$MLAPI_CLIENT_ENVS``, default ~/.cache/mlapi/client-envs), so
+a fresh clone reuses it; it is rebuilt when that file or the base interpreter changes. The tests run
+those clients in a subprocess. `make venv` builds them too (``python -m tests.client_envs``), so a clean machine has
 them before the first test.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import os
 import shutil
 import subprocess
 import sys
@@ -18,7 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 REQUIREMENTS = ROOT / "tests" / "client_envs"
-CACHE = ROOT / ".cache" / "client-envs"
+CACHE = Path(os.environ.get("MLAPI_CLIENT_ENVS") or Path.home() / ".cache" / "mlapi" / "client-envs")
 NAMES = ("kserve", "mlserver")
 
 
@@ -30,7 +32,8 @@ def _base_python() -> str:
 def client_python(name: str) -> Path:
     """The python of the client venv ``name``, built first if missing or out of date."""
     requirements = REQUIREMENTS / f"{name}.txt"
-    digest = hashlib.sha256(requirements.read_bytes()).hexdigest()[:16]
+    base = _base_python()
+    digest = hashlib.sha256(requirements.read_bytes() + f"\0{base}\0{sys.version}".encode()).hexdigest()[:16]
     target = CACHE / f"{name}-{digest}"
     python = target / "bin" / "python"
     marker = target / ".installed"
@@ -42,7 +45,7 @@ def client_python(name: str) -> Path:
         shutil.rmtree(target, ignore_errors=True)
         for stale in CACHE.glob(f"{name}-*"):
             shutil.rmtree(stale, ignore_errors=True)
-        subprocess.run([_base_python(), "-m", "venv", str(target)], check=True)
+        subprocess.run([base, "-m", "venv", str(target)], check=True)
         result = subprocess.run(
             [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", "-r", str(requirements)],
             check=False, capture_output=True, text=True, timeout=1800,
