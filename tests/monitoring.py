@@ -1,8 +1,9 @@
-"""The kit's monitoring files as tests read them: the alert rules, the dashboard's queries, promtool, a real
-Prometheus on loopback, and the metric names the service exports."""
+"""The kit's monitoring files as tests read them: the alert rules as the monitoring role renders them, the
+dashboard's queries, promtool, a real Prometheus on loopback, and the metric names the service exports."""
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import shutil
@@ -16,11 +17,14 @@ from typing import Any
 import httpx
 import yaml
 
+from tests.roles import render_role
 from tests.servers import Process, free_port, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 MONITORING_DIR = ROOT / "deploy" / "monitoring"
-ALERT_RULES = MONITORING_DIR / "alerts.yml"
+# Where the tests keep the rules rendered with the role's defaults (promtool test rules reads them there:
+# tests/unit/alert_rules_test.yml).
+ALERT_RULES = ROOT / ".cache" / "monitoring" / "alerts.yml"
 DASHBOARD = MONITORING_DIR / "grafana-dashboard.json"
 # What Grafana puts in place of its interval macros before it sends a query; a dashboard variable becomes
 # its "All" value.
@@ -36,9 +40,24 @@ def promtool(*args: str | Path, cwd: Path = ROOT) -> subprocess.CompletedProcess
     return subprocess.run([binary, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=120)
 
 
-def alert_rules() -> list[dict[str, Any]]:
-    """Every alerting rule of deploy/monitoring/alerts.yml."""
-    groups = yaml.safe_load(ALERT_RULES.read_text())["groups"]
+def render_alert_rules(destination: Path, **variables: Any) -> Path:
+    """deploy/monitoring/alerts.yml.j2 rendered by the monitoring role (tasks_from: rules, with its defaults
+    and argument checks, and promtool check rules as the role validates it) into `destination`, with
+    `variables` over the defaults."""
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    render_role("monitoring", "rules", {"monitoring_rules_file": str(destination), **variables})
+    return destination
+
+
+@functools.cache
+def default_alert_rules() -> Path:
+    """The rules as a host gets them from the role's defaults, rendered once per test session."""
+    return render_alert_rules(ALERT_RULES)
+
+
+def alert_rules(path: Path | None = None) -> list[dict[str, Any]]:
+    """Every alerting rule of the rendered rules file `path` (the role's defaults when not given)."""
+    groups = yaml.safe_load((path or default_alert_rules()).read_text())["groups"]
     return [rule for group in groups for rule in group["rules"] if "alert" in rule]
 
 
@@ -92,7 +111,7 @@ class Prometheus(Process):
         self.port = free_port()
         config = {
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-            "rule_files": [str(ALERT_RULES)],
+            "rule_files": [str(default_alert_rules())],
             "scrape_configs": [{"job_name": "mlapi", "static_configs": [{"targets": targets}]}],
         }
         (self.workdir / "prometheus.yml").write_text(yaml.safe_dump(config))

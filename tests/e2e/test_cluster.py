@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -118,6 +119,27 @@ def test_app_hosts_listen_on_their_private_address_and_only_the_lb_may_connect(c
         app, f"exec 3<>/dev/tcp/{cluster.lb.private_ip}/6379 && printf 'PING\\r\\n' >&3 && read -t 5 -r line <&3; echo $line",
         timeout=30)
     assert "NOAUTH" in no_password.stdout, f"Redis answered an unauthenticated PING with {no_password.stdout!r}"
+
+
+def test_prometheus_on_the_lb_host_scrapes_every_instance_and_node_exporter(cluster):
+    cluster.require_provisioned()
+    expected = {f"{app.private_ip}:{port}" for app in cluster.apps for port in (8001, 8002)}
+    expected_nodes = {"127.0.0.1:9100"} | {f"{app.private_ip}:9100" for app in cluster.apps}
+
+    def up(job: str) -> set[str]:
+        out = cluster.sandbox.ssh(cluster.lb, "curl -sS --fail --get --data-urlencode "
+                                  f"'query=up{{job=\"{job}\"}} == 1' http://127.0.0.1:9090/api/v1/query",
+                                  check=True).stdout
+        return {series["metric"]["instance"] for series in json.loads(out)["data"]["result"]}
+
+    deadline = time.monotonic() + 120
+    while (up("mlapi"), up("node")) != (expected, expected_nodes) and time.monotonic() < deadline:
+        time.sleep(3)
+    assert (up("mlapi"), up("node")) == (expected, expected_nodes)
+    # The node exporter answers the monitoring host only.
+    app, other = cluster.apps
+    probe = f"curl -sS -o /dev/null -w '%{{http_code}}' --max-time 3 http://{app.private_ip}:9100/metrics"
+    assert cluster.sandbox.ssh(other, probe).stdout != "200", f"{other.name} reached the node exporter of {app.name}"
 
 
 def test_rolling_model_deploy_under_load_reaches_both_hosts_without_a_failed_request(cluster, tmp_path):

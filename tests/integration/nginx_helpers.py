@@ -21,27 +21,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.roles import render_role
 from tests.servers import mlapi
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
-ROLES_PATH = REPO / "deploy" / "ansible" / "roles"
 SERVER_NAME = "api.mlapi.test"
 PREDICT_BODY = json.dumps(
     {"features": {"sepal_length": 5.1, "sepal_width": 3.5, "petal_length": 1.4, "petal_width": 0.2}}
 ).encode()
 ERROR_FIELDS = {"code", "message", "request_id", "details"}
 
-_RENDER_PLAYBOOK = """\
-- name: Render the NGINX configuration as the nginx role does on a host
-  hosts: localhost
-  gather_facts: false
-  tasks:
-    - name: Render through the role
-      ansible.builtin.include_role:
-        name: nginx
-        tasks_from: config
-"""
 
 
 def free_port() -> int:
@@ -266,21 +256,8 @@ def render(prefix: Path, upstream_ports: list[int], with_certificate: bool = Tru
         "nginx_manage_service": False,
         **overrides,
     }
-    controller = {
-        # Modules run in the controller's own Python (the venv), not whatever PATH finds.
-        "ansible_python_interpreter": sys.executable,
-    }
     edge.variables = variables
-    (prefix / "vars.json").write_text(json.dumps({**variables, **controller}))
-    (prefix / "render.yml").write_text(_RENDER_PLAYBOOK)
-    env = dict(os.environ, ANSIBLE_ROLES_PATH=str(ROLES_PATH), ANSIBLE_NOCOLOR="1",
-               ANSIBLE_LOCALHOST_WARNING="false", ANSIBLE_INVENTORY_UNPARSED_WARNING="false")
-    result = subprocess.run(
-        [str(VENV_BIN / "ansible-playbook"), "-i", "localhost,", "-c", "local",
-         "-e", f"@{prefix / 'vars.json'}", str(prefix / "render.yml")],
-        env=env, capture_output=True, text=True,
-    )
-    assert result.returncode == 0, f"the nginx role failed to render:\n{result.stdout}\n{result.stderr}"
+    render_role("nginx", "config", variables)
     return edge
 
 

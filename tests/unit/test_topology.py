@@ -21,7 +21,14 @@ BIN = Path(sys.executable).parent
 sys.path.insert(0, str(ANSIBLE_DIR / "filter_plugins"))
 
 from ansible.errors import AnsibleFilterError  # noqa: E402
-from mlapi_topology import firewall_rules, redis_address, service_address, upstream_servers  # noqa: E402
+from mlapi_topology import (  # noqa: E402
+    firewall_rules,
+    node_exporter_address,
+    redis_address,
+    service_address,
+    unreachable_instances,
+    upstream_servers,
+)
 
 SINGLE = {"lb": ["one"], "app": ["one"], "redis": ["one"]}
 CLUSTER = {"lb": ["lb1"], "app": ["app1", "app2"], "redis": ["lb1"]}
@@ -56,6 +63,28 @@ def test_an_lb_that_also_serves_keeps_its_own_instances_on_loopback():
     groups = {"lb": ["lb1"], "app": ["lb1", "app1"], "redis": ["lb1"]}
     assert upstream_servers(["lb1", "app1"], groups, CLUSTER_VARS) == [
         "127.0.0.1:8001", "127.0.0.1:8002", "10.0.1.21:8001", "10.0.1.21:8002"]
+
+
+def test_a_monitoring_host_that_is_the_lb_needs_no_more_than_its_node_exporter_ports():
+    groups = {**CLUSTER, "monitoring": ["lb1"]}
+    assert node_exporter_address("lb1", groups, CLUSTER_VARS) == "127.0.0.1"
+    assert node_exporter_address("app1", groups, CLUSTER_VARS) == "10.0.1.21"
+    assert firewall_rules("app1", groups, CLUSTER_VARS) == [
+        {"port": 8001, "proto": "tcp", "from": "10.0.1.10"}, {"port": 8002, "proto": "tcp", "from": "10.0.1.10"},
+        {"port": 9100, "proto": "tcp", "from": "10.0.1.10"}]
+    assert firewall_rules("lb1", groups, CLUSTER_VARS) == firewall_rules("lb1", CLUSTER, CLUSTER_VARS)
+
+
+def test_a_monitoring_host_of_its_own_reaches_every_node_exporter_but_not_loopback_instances():
+    groups = {**SINGLE, "monitoring": ["mon"]}
+    hostvars = {"one": {"private_ip": "10.0.1.5"}, "mon": {"private_ip": "10.0.1.9"}}
+    assert node_exporter_address("one", groups, hostvars) == "10.0.1.5"
+    assert node_exporter_address("mon", groups, hostvars) == "127.0.0.1"
+    assert firewall_rules("one", groups, hostvars) == [{"port": 9100, "proto": "tcp", "from": "10.0.1.9"}]
+    assert firewall_rules("mon", groups, hostvars) == []
+    # The single host's instances stay on loopback (NGINX is their client): the role refuses this layout.
+    assert unreachable_instances("mon", groups, hostvars) == ["one"]
+    assert unreachable_instances("lb1", {**CLUSTER, "monitoring": ["lb1"]}, CLUSTER_VARS) == []
 
 
 def test_the_private_address_falls_back_to_the_facts_and_else_names_the_variable():

@@ -2,7 +2,8 @@
 balancer plus several app hosts is an inventory edit and nothing else.
 
 Groups: ``lb`` (NGINX and TLS), ``app`` (the service instances), ``redis`` (the shared rate-limit
-store). One host in all three is the single-host layout: everything stays on loopback. Otherwise hosts
+store), ``monitoring`` (Prometheus, which scrapes every host). One host in all of them is the single-host
+layout: everything stays on loopback. Otherwise hosts
 reach each other at their private address: the host variable ``private_ip`` (the EC2 private IPv4, the
 sandbox's bridge address), else the address of the default route that Ansible's facts report.
 
@@ -20,6 +21,8 @@ LOOPBACK = "127.0.0.1"
 # The app role's defaults, for app hosts whose inventory does not set them.
 APP_INSTANCES = 2
 APP_PORT_PREFIX = "800"
+# The monitoring role's default, for hosts whose inventory does not set it.
+NODE_EXPORTER_PORT = 9100
 
 
 def _vars(hostvars: Mapping[str, Any], host: str) -> Mapping[str, Any]:
@@ -47,11 +50,31 @@ def private_addresses(hosts: Iterable[str], hostvars: Mapping[str, Any]) -> list
     return [private_address(host, hostvars) for host in hosts]
 
 
+def _local_only(host: str, group: str, groups: Mapping[str, list[str]]) -> bool:
+    """Whether every host of `group` is `host` itself (an empty group has no host elsewhere either)."""
+    return set(groups.get(group, [])) <= {host}
+
+
 def service_address(host: str, groups: Mapping[str, list[str]], hostvars: Mapping[str, Any]) -> str:
     """Where `host`'s service instances listen: loopback when the one load balancer is `host` itself
-    (NGINX on the same host is their only client), else the private address, which the firewall opens
-    to the load balancers only."""
+    (NGINX on the same host is their only client, and Prometheus must run there too), else the private
+    address, which the firewall opens to the load balancers and monitoring hosts only."""
     if list(groups.get("lb", [])) == [host]:
+        return LOOPBACK
+    return private_address(host, hostvars)
+
+
+def unreachable_instances(monitor: str, groups: Mapping[str, list[str]], hostvars: Mapping[str, Any]) -> list[str]:
+    """The app hosts whose instances listen on loopback on another host than `monitor`: its Prometheus
+    cannot scrape them."""
+    return [host for host in groups.get("app", [])
+            if host != monitor and service_address(host, groups, hostvars) == LOOPBACK]
+
+
+def node_exporter_address(host: str, groups: Mapping[str, list[str]], hostvars: Mapping[str, Any]) -> str:
+    """Where `host`'s node exporter listens: loopback on the monitoring host itself, else the private
+    address, which the firewall opens to the monitoring hosts only."""
+    if _local_only(host, "monitoring", groups):
         return LOOPBACK
     return private_address(host, hostvars)
 
@@ -84,16 +107,21 @@ def peers(host: str, group: str, groups: Mapping[str, list[str]]) -> list[str]:
 
 def firewall_rules(host: str, groups: Mapping[str, list[str]], hostvars: Mapping[str, Any]) -> list[dict]:
     """The ports `host` opens to other hosts of the deployment, and to them only: the service ports to
-    the load balancers, the Redis port to the app hosts. Empty on a single host."""
+    the load balancers and monitoring hosts, the Redis port to the app hosts, the node exporter's port to
+    the monitoring hosts. Empty on a single host."""
     rules = []
+    monitors = private_addresses(peers(host, "monitoring", groups), hostvars)
     if host in groups.get("app", []) and service_address(host, groups, hostvars) != LOOPBACK:
+        clients = list(dict.fromkeys(private_addresses(peers(host, "lb", groups), hostvars) + monitors))
         for port in app_ports(host, hostvars):
-            rules += [{"port": port, "proto": "tcp", "from": address}
-                      for address in private_addresses(peers(host, "lb", groups), hostvars)]
+            rules += [{"port": port, "proto": "tcp", "from": address} for address in clients]
     if host in groups.get("redis", []):
         port = int(_vars(hostvars, host).get("redis_port", 6379))
         rules += [{"port": port, "proto": "tcp", "from": address}
                   for address in private_addresses(peers(host, "app", groups), hostvars)]
+    if monitors:
+        port = int(_vars(hostvars, host).get("monitoring_node_exporter_port", NODE_EXPORTER_PORT))
+        rules += [{"port": port, "proto": "tcp", "from": address} for address in monitors]
     return rules
 
 
@@ -112,6 +140,8 @@ class FilterModule:
             "mlapi_private_address": private_address,
             "mlapi_private_addresses": private_addresses,
             "mlapi_service_address": service_address,
+            "mlapi_node_exporter_address": node_exporter_address,
+            "mlapi_unreachable_instances": unreachable_instances,
             "mlapi_upstream_servers": upstream_servers,
             "mlapi_peers": peers,
             "mlapi_firewall_rules": firewall_rules,
