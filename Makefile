@@ -20,15 +20,20 @@ venv: $(BIN)/.installed ## create the venv with every Python dependency and the 
 
 # The project itself (the mlapi command) goes in last, editable and without dependencies: the pins of the
 # requirements are the versions, and a change to app/ needs no reinstall.
-$(BIN)/.installed: requirements.txt requirements-dev.txt pyproject.toml
+# MLServer (whose real PandasCodec the tests call) pins fastapi and pydantic versions the service does not
+# run, so it gets a venv of its own inside this one: $(VENV)/mlserver.
+$(BIN)/.installed: requirements.txt requirements-dev.txt requirements-mlserver.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -r requirements-dev.txt
 	$(BIN)/pip install -q --no-deps -e .
+	test -x $(VENV)/mlserver/bin/python || $(PYTHON) -m venv $(VENV)/mlserver
+	$(VENV)/mlserver/bin/pip install -q -r requirements-mlserver.txt
 	touch $@
 
 models: venv ## train and package the demo models unless they exist
-	@test -f $(MODELS)/iris/1/manifest.json || $(BIN)/mlapi train-demo --models-dir $(MODELS)
+	@for m in iris iris-logreg diabetes churn; do test -f $(MODELS)/$$m/1/manifest.json || exit 1; done \
+		|| $(BIN)/mlapi train-demo --models-dir $(MODELS)
 
 serve: models ## run the service under gunicorn on 127.0.0.1:8000 (Ctrl-C stops it)
 	$(BIN)/mlapi serve --workers $${MLAPI_WORKERS:-2}
