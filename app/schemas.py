@@ -44,28 +44,29 @@ def _example(manifest: Manifest) -> dict[str, Any]:
     return dict(zip(_names(manifest), reference_row(manifest.features, manifest.reference), strict=True))
 
 
-def _field_type(feature: Feature, max_abs: float, example: Any) -> Any:
-    shown = Field(alias=feature.name, title=feature.name, examples=[example])
+def _value_type(feature: Feature, max_abs: float) -> Any:
+    """What one feature's value is, as a type the JSON schema shows (its check is app/validation.py's)."""
     if feature.type == "string":
-        known = list(feature.categories or ())
         if feature.allow_unknown:
-            description = f"{feature.name} (string: a category; known {known}, others are scored too)"
-            return Annotated[str, Field(alias=feature.name, title=feature.name, description=description,
-                                        examples=[example])]
-        description = f"{feature.name} (string: one of the categories the model knows)"
-        return Annotated[Literal[tuple(known)], Field(alias=feature.name, title=feature.name,  # type: ignore[misc]
-                                                     description=description, examples=[example])]
+            return Annotated[str, Field(description=f"{feature.name} (string: a category; known "
+                                                    f"{list(feature.categories or ())}, others are scored too)")]
+        return Annotated[Literal[tuple(feature.categories or ())],  # type: ignore[misc]
+                         Field(description=f"{feature.name} (string: one of the categories the model knows)")]
     if feature.type == "bool":
-        return Annotated[bool, shown, Field(description=f"{feature.name} (bool)")]
+        return Annotated[bool, Field(description=f"{feature.name} (bool)")]
     number = int if feature.type == "int" else float
-    return Annotated[number, shown, Field(ge=-max_abs, le=max_abs, description=f"{feature.name} ({feature.type})")]
+    return Annotated[number, Field(ge=-max_abs, le=max_abs, description=f"{feature.name} ({feature.type})")]
 
 
 def feature_model(manifest: Manifest, max_abs: float) -> type[FeaturesBase]:
     """The features of one model as a pydantic model: what the OpenAPI schema shows for a request."""
     example = _example(manifest)
     fields: dict[str, Any] = {
-        field_name: (_field_type(feature, max_abs, example[feature.name]), ...)
+        field_name: (
+            Annotated[_value_type(feature, max_abs),
+                      Field(alias=feature.name, title=feature.name, examples=[example[feature.name]])],
+            ...,
+        )
         for field_name, feature in zip(field_names(manifest), manifest.features, strict=True)
     }
     return create_model(  # type: ignore[call-overload,no-any-return]
@@ -76,14 +77,17 @@ def feature_model(manifest: Manifest, max_abs: float) -> type[FeaturesBase]:
     )
 
 
-def _parsed_only(features: type[BaseModel]) -> Any:
-    """A body value pydantic parses without checking; the schema shows the features model (or a list)."""
-    return Annotated[Any, PlainValidator(lambda value: value, json_schema_input_type=features | list[Any])]
+def _parsed_only(manifest: Manifest, max_abs: float) -> Any:
+    """A body value pydantic parses without checking; the schema shows the features by name, or as a list
+    of exactly one value per feature in manifest order."""
+    in_order = tuple[tuple(_value_type(f, max_abs) for f in manifest.features)]  # type: ignore[misc]
+    shown = feature_model(manifest, max_abs) | in_order
+    return Annotated[Any, PlainValidator(lambda value: value, json_schema_input_type=shown)]
 
 
 def request_models(manifest: Manifest, max_abs: float, max_batch: int) -> tuple[type[BaseModel], type[BaseModel]]:
     """(single, batch) request models for one model."""
-    features = _parsed_only(feature_model(manifest, max_abs))
+    features = _parsed_only(manifest, max_abs)
     example = _example(manifest)
     single = create_model(
         _class_name(manifest.name, "PredictRequest"),
