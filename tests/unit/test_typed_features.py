@@ -391,3 +391,11 @@ def test_a_reload_refuses_a_version_whose_categories_differ(models_copy: Path):
     assert sorted(served.versions) == ["1"]
     assert [f["check"] for f in served.failures if f["version"] == "2"] == ["features"]
     assert json.dumps(served.failures).count("plan (string)") >= 1
+
+
+def test_v2_one_tensor_of_all_features_is_refused_for_a_model_with_string_features(churn_client):
+    body = {"inputs": [{"name": "input-0", "shape": [1, 5], "datatype": "FP64", "data": [1, 2, 3, 4, 5]}]}
+    r = churn_client.post("/v2/models/churn/infer", json=body)
+    assert r.status_code == 400
+    assert "send one input per feature, named after it" in r.json()["error"]
+    assert "plan (string)" in r.json()["error"]
