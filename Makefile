@@ -29,7 +29,8 @@ $(BIN)/.installed: requirements.txt requirements-dev.txt pyproject.toml $(wildca
 	touch $@
 
 models: venv ## train and package the demo models unless they exist
-	@test -f $(MODELS)/iris/1/manifest.json || $(BIN)/mlapi train-demo --models-dir $(MODELS)
+	@for m in iris iris-logreg diabetes churn; do test -f $(MODELS)/$$m/1/manifest.json || exit 1; done \
+		|| $(BIN)/mlapi train-demo --models-dir $(MODELS)
 
 serve: models ## run the service under gunicorn on 127.0.0.1:8000 (Ctrl-C stops it)
 	$(BIN)/mlapi serve --workers $${MLAPI_WORKERS:-2}

@@ -1,11 +1,14 @@
 """Input drift: per-feature reference statistics and Population Stability Index.
 
-A package records, for every feature, the interior cut points of 10 quantile
-bins of the sample it was built with and the share of the sample in each bin.
-The outer bins are open (``x <= first cut`` and ``x > last cut``) so values
-outside the sample's range still land in a bin. The service keeps the most
-recent inputs per worker in a ring buffer and compares their bin shares with
-the reference:
+A package records, for every numeric feature, the interior cut points of 10
+quantile bins of the sample it was built with and the share of the sample in
+each bin. The outer bins are open (``x <= first cut`` and ``x > last cut``) so
+values outside the sample's range still land in a bin. For a string feature it
+records the share of each known category instead; a category the sample never
+had is one more bin, empty in the reference, and its share is reported as
+``unseen``. The service keeps the most recent inputs per worker in a ring
+buffer (categories by their index, app/validation.py's ``Batch.codes``) and
+compares their bin shares with the reference:
 
     PSI = sum((observed - reference) * ln(observed / reference))
 
@@ -37,15 +40,40 @@ def bin_shares(values: np.ndarray, cuts: np.ndarray) -> np.ndarray:
     return counts / max(len(values), 1)
 
 
-def reference_statistics(X: np.ndarray, feature_names: list[str]) -> dict[str, dict[str, Any]]:
-    """Per-feature reference for drift: quantile cut points, bin shares, mean, std, min, max."""
+def _categories(feature: Any) -> tuple[str, ...] | None:
+    return feature.categories if getattr(feature, "type", "float") == "string" else None
+
+
+def _name(feature: Any) -> str:
+    return feature if isinstance(feature, str) else feature.name
+
+
+def category_shares(codes: np.ndarray, n_categories: int) -> np.ndarray:
+    """[unseen, category 0, category 1, ...] shares of codes (-1 for a category the reference never had)."""
+    counts = np.bincount(codes.astype(np.int64) + 1, minlength=n_categories + 1)
+    return counts / max(len(codes), 1)
+
+
+def reference_statistics(X: np.ndarray, features: list[Any]) -> dict[str, dict[str, Any]]:
+    """Per-feature reference for drift: quantile cut points, bin shares, mean, std, min, max of a number;
+    the share of each known category of a string (X holds its codes). ``features`` are names or Features."""
     X = np.asarray(X, dtype=np.float64)
     if X.ndim != 2 or X.shape[0] == 0:
         raise ValueError("the reference sample must be a non-empty 2-D table")
     quantiles = np.linspace(0, 1, REFERENCE_BINS + 1)[1:-1]
     reference: dict[str, dict[str, Any]] = {}
-    for j, name in enumerate(feature_names):
+    for j, feature in enumerate(features):
+        name = _name(feature)
         column = X[:, j]
+        categories = _categories(feature)
+        if categories is not None:
+            reference[name] = {
+                "categories": list(categories),
+                "proportions": category_shares(column, len(categories))[1:].tolist(),
+                "count": int(column.shape[0]),
+                "unseen": float(np.mean(column < 0)),
+            }
+            continue
         # Repeated cut points (few distinct values) would make empty bins; keep each once.
         cuts = np.unique(np.quantile(column, quantiles))
         reference[name] = {
@@ -66,18 +94,29 @@ def _finite_numbers(value: Any) -> bool:
     )
 
 
-def check_reference(reference: Any, feature_names: list[str]) -> None:
+def check_reference(reference: Any, features: list[Any]) -> None:
     """Raise ValueError naming the feature whose reference statistics DriftMonitor and the gate cannot use.
 
     Checked when a package is loaded: a broken reference found only at the first
-    prediction would turn every prediction into a 500.
+    prediction would turn every prediction into a 500. ``features`` are names or Features.
     """
     if not isinstance(reference, dict):
         raise ValueError("reference must be an object with one entry per feature")
-    for name in feature_names:
+    for feature in features:
+        name = _name(feature)
         stats = reference.get(name)
         if not isinstance(stats, dict):
             raise ValueError(f"reference has no statistics for feature {name!r}")
+        categories = _categories(feature)
+        if categories is not None:
+            shares = stats.get("proportions")
+            if stats.get("categories") != list(categories):
+                raise ValueError(f"reference.{name}.categories must be the feature's categories, in order")
+            if not _finite_numbers(shares) or len(shares) != len(categories):
+                raise ValueError(f"reference.{name}.proportions must be one finite share per category")
+            if any(s < 0 or s > 1 for s in shares) or sum(shares) > 1 + 1e-6:
+                raise ValueError(f"reference.{name}.proportions must be shares between 0 and 1 that sum to 1 or less")
+            continue
         edges, shares, mean = stats.get("bin_edges"), stats.get("proportions"), stats.get("mean")
         if not _finite_numbers(edges):
             raise ValueError(f"reference.{name}.bin_edges must be a list of finite numbers")
@@ -117,9 +156,18 @@ class DriftMonitor:
         self.window = window
         self.min_samples = min(min_samples, window)
         self.alert_psi = alert_psi
-        self._cuts = [np.asarray(manifest.reference[n]["bin_edges"], dtype=np.float64) for n in self.feature_names]
+        # A string feature has no cut points: its bins are [unseen, category 0, ...].
+        self._n_categories = [len(_categories(f) or ()) if _categories(f) else None for f in manifest.features]
+        self._cuts = [
+            np.asarray(manifest.reference[f.name].get("bin_edges") or [], dtype=np.float64) for f in manifest.features
+        ]
         self._expected = [
-            np.asarray(manifest.reference[n]["proportions"], dtype=np.float64) for n in self.feature_names
+            np.asarray(
+                ([manifest.reference[f.name].get("unseen", 0.0)] if k is not None else [])
+                + list(manifest.reference[f.name]["proportions"]),
+                dtype=np.float64,
+            )
+            for f, k in zip(manifest.features, self._n_categories, strict=True)
         ]
         self._buffer = np.empty((window, len(self.feature_names)), dtype=np.float64)
         self._next = 0  # row written next
@@ -150,19 +198,33 @@ class DriftMonitor:
         with self._lock:
             return self._buffer[: self._filled].copy()
 
+    def _shares(self, recent: np.ndarray, j: int) -> np.ndarray:
+        k = self._n_categories[j]
+        if k is None:
+            return bin_shares(recent[:, j], self._cuts[j])
+        return category_shares(recent[:, j], k)
+
     def scores(self) -> dict[str, float] | None:
         recent = self._snapshot()
         if recent.shape[0] < self.min_samples:
             return None
+        return {name: psi(self._shares(recent, j), self._expected[j]) for j, name in enumerate(self.feature_names)}
+
+    def unseen(self) -> dict[str, float] | None:
+        """Share of the recent rows whose category the reference sample never had, per string feature."""
+        recent = self._snapshot()
+        if recent.shape[0] < self.min_samples or not any(k is not None for k in self._n_categories):
+            return None
         return {
-            name: psi(bin_shares(recent[:, j], self._cuts[j]), self._expected[j])
-            for j, name in enumerate(self.feature_names)
+            name: float(np.mean(recent[:, j] < 0))
+            for j, (name, k) in enumerate(zip(self.feature_names, self._n_categories, strict=True))
+            if k is not None
         }
 
     def status(self) -> dict[str, Any]:
         scores = self.scores()
         drifted = [name for name, value in (scores or {}).items() if value >= self.alert_psi]
-        return {
+        status = {
             "samples": self._filled,
             "window": self.window,
             "scores": scores,
@@ -170,3 +232,6 @@ class DriftMonitor:
             "method": "psi",
             "alert_psi": self.alert_psi,
         }
+        if any(k is not None for k in self._n_categories):
+            status["unseen_categories"] = self.unseen()
+        return status

@@ -19,7 +19,13 @@ import numpy as np
 # checks the names), so the warning carries no information here.
 warnings.filterwarnings("ignore", message="X does not have valid feature names", category=UserWarning)
 
-_ONNX_INPUT_DTYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64}
+_ONNX_INPUT_DTYPES: dict[str, Any] = {
+    "tensor(float)": np.float32,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(bool)": np.bool_,
+    "tensor(string)": object,
+}
 
 
 class Engine(Protocol):
@@ -65,13 +71,15 @@ class OnnxEngine:
         self.session = ort.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
         self.task = task
         inputs = self.session.get_inputs()
-        if len(inputs) != 1:
-            raise ValueError(f"the ONNX model has {len(inputs)} inputs; one tensor input is supported")
-        self.input_name = inputs[0].name
         try:
-            self.input_dtype = _ONNX_INPUT_DTYPES[inputs[0].type]
+            # One tensor of every feature, or (a model with string features) one [n, 1] tensor per feature.
+            self._feeds = [(i.name, _ONNX_INPUT_DTYPES[i.type]) for i in inputs]
         except KeyError:
-            raise ValueError(f"the ONNX model's input type {inputs[0].type} is not float or double") from None
+            types = sorted({i.type for i in inputs})
+            raise ValueError(f"the ONNX model's input types {types} are not float, double, int64, bool or string") from None
+        self.input_name, self.input_dtype = self._feeds[0]
+        if len(inputs) == 1 and self.input_dtype not in (np.float32, np.float64):
+            raise ValueError(f"the ONNX model's one input is {inputs[0].type}, not float or double")
         outputs = [o.name for o in self.session.get_outputs()]
         if output is None:
             # skl2onnx names a classifier's outputs (label, probabilities) and a regressor's (variable).
@@ -80,8 +88,13 @@ class OnnxEngine:
             raise ValueError(f"the ONNX model has no output {output!r} (outputs: {outputs})")
         self.output_names = [output]
 
-    def run(self, X: np.ndarray) -> np.ndarray:
-        feed = {self.input_name: np.ascontiguousarray(X, dtype=self.input_dtype)}
+    def run(self, X: Any) -> np.ndarray:
+        if len(self._feeds) == 1:
+            feed = {self.input_name: np.ascontiguousarray(X, dtype=self.input_dtype)}
+        else:
+            # A DataFrame by column name; an array by position (the inputs are the features in manifest order).
+            columns = X if hasattr(X, "columns") else {name: X[:, j] for j, (name, _) in enumerate(self._feeds)}
+            feed = {name: np.asarray(columns[name], dtype=dtype).reshape(-1, 1) for name, dtype in self._feeds}
         (out,) = self.session.run(self.output_names, feed)
         out = np.asarray(out, dtype=np.float64)
         return out if self.task == "classifier" else out.reshape(-1)

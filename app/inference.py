@@ -5,6 +5,7 @@ from __future__ import annotations
 import statistics
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,6 +15,7 @@ from app.logs import get_logger
 from app.metrics import DRIFT, PREDICTIONS, SHADOW_AGREEMENT, labelled
 from app.packaging import LoadedModel
 from app.registry import ModelRegistry, ServedModel
+from app.validation import Batch
 
 log = get_logger("inference")
 
@@ -37,7 +39,7 @@ def scores_inline(served: ServedModel) -> bool:
     return all(_inline.get(model.engine, False) for model in served.versions.values())
 
 
-def _score_and_measure(model: LoadedModel, X: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+def _score_and_measure(model: LoadedModel, X: Any) -> tuple[np.ndarray, np.ndarray | None]:
     """The first single-row calls of an engine are timed in CPU time of the calling thread, so time spent
     waiting for the GIL or a core on a busy machine does not count as the model's cost."""
     engine = model.engine
@@ -58,6 +60,7 @@ def _score_and_measure(model: LoadedModel, X: np.ndarray) -> tuple[np.ndarray, n
 @dataclass
 class Scored:
     model: LoadedModel
+    batch: Batch  # the rows as the version that scored them decoded them
     labels: np.ndarray  # class labels, or values for regressors
     probabilities: np.ndarray | None
 
@@ -89,25 +92,30 @@ def observe_drift(registry: ModelRegistry, model: LoadedModel, X: np.ndarray) ->
             labelled(DRIFT, model.name, model.version, feature).set(value)
 
 
+Decoder = Callable[[LoadedModel], Batch]
+
+
 def score(
     registry: ModelRegistry,
     served: ServedModel,
-    X: np.ndarray,
+    decode: Decoder,
     *,
     user_id: str | None = None,
     version: str | None = None,
     state: Any = None,
 ) -> Scored:
-    """Score X with the version the routing table picks; one call into the model for the whole batch."""
+    """Score a request with the version the routing table picks, decoded by that version's own input schema
+    (``decode(model)`` raises ValidationFailure); one call into the model for the whole batch."""
     model = served.choose(user_id=user_id, override=version, overrides=registry.settings.version_override)
     if state is not None:
         state.model = model.name
         state.version = model.version
         state.engine = model.engine.name
-    labels, probabilities = _score_and_measure(model, X)
+    batch = decode(model)
+    labels, probabilities = _score_and_measure(model, batch.X)
     count_predictions(model, labels)
-    observe_drift(registry, model, X)
-    return Scored(model, labels, probabilities)
+    observe_drift(registry, model, batch.codes)
+    return Scored(model, batch, labels, probabilities)
 
 
 def count_predictions(model: LoadedModel, labels: np.ndarray) -> None:
@@ -121,13 +129,15 @@ def count_predictions(model: LoadedModel, labels: np.ndarray) -> None:
         labelled(PREDICTIONS, model.name, model.version, "").inc(len(labels))
 
 
-def shadow_score(served: ServedModel, primary: Scored, X: np.ndarray, request_id: str | None) -> None:
-    """Score the same rows with the shadow version, after the response has gone; log and count agreement."""
+def shadow_score(served: ServedModel, primary: Scored, request_id: str | None) -> None:
+    """Score the same rows with the shadow version, after the response has gone; log and count agreement.
+
+    A reload keeps every version of a model to one request contract, so the primary's input fits the shadow."""
     shadow = served.versions.get(served.shadow or "")
     if shadow is None or shadow is primary.model:
         return
     try:
-        labels, _ = shadow.score(X)
+        labels, _ = shadow.score(primary.batch.X)
     except Exception:
         log.exception("shadow scoring failed", extra={"model": served.name, "shadow": shadow.version})
         return

@@ -107,7 +107,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.rate_store = rate_store
 
     manifests = route_manifests(settings)
-    registry.route_features = {name: tuple(m.feature_names) for name, m in manifests.items()}
+    registry.route_features = {name: m.contract() for name, m in manifests.items()}
     prediction_log = PredictionLog(settings, features={f for m in manifests.values() for f in m.feature_names})
     app.state.prediction_log = prediction_log
     default = settings.default_model or next(iter(sorted(manifests)), None)

@@ -25,6 +25,7 @@ import ctypes.util
 import hashlib
 import io
 import json
+import math
 import os
 import platform
 import re
@@ -41,16 +42,17 @@ import numpy as np
 
 from app.drift import check_reference, reference_statistics
 from app.engines import Engine, OnnxEngine, SklearnEngine
+from app.validation import FeatureSpec, InputSchema, ValidationFailure
 
 MANIFEST = "manifest.json"
 MODEL_JOBLIB = "model.joblib"
 MODEL_ONNX = "model.onnx"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 # ONNX is kept only when it reproduces scikit-learn on the sample within this bound:
 # absolute for probabilities; for regression max(1, |value|) * tolerance (absolute
 # below 1, relative above, because float32 carries ~7 significant digits).
 ONNX_TOLERANCE = 1e-5
-FEATURE_TYPES = ("float", "int")
+FEATURE_TYPES = ("float", "int", "bool", "string")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _REQUIRED_FIELDS = ("name", "version", "created", "task", "features", "versions", "files", "reference", "onnx")
 
@@ -72,6 +74,35 @@ class PackageError(Exception):
 class Feature:
     name: str
     type: str = "float"
+    # string features: the categories the model knows, and whether it scores one it does not
+    categories: tuple[str, ...] | None = None
+    allow_unknown: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "type": self.type}
+        if self.type == "string":
+            out["categories"] = list(self.categories or ())
+            out["allow_unknown"] = self.allow_unknown
+        return out
+
+    @classmethod
+    def from_dict(cls, item: Any) -> Feature:
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str) or not item["name"].strip():
+            raise ValueError(f"feature entry {item!r} needs a non-empty string 'name'")
+        kind = item.get("type", "float")  # manifests before typed features held only numbers
+        if kind not in FEATURE_TYPES:
+            raise ValueError(f"feature {item['name']!r} has type {kind!r}, expected one of {', '.join(FEATURE_TYPES)}")
+        if kind != "string":
+            return cls(item["name"], kind)
+        categories = item.get("categories")
+        if not isinstance(categories, list) or not categories or not all(isinstance(c, str) for c in categories):
+            raise ValueError(f"string feature {item['name']!r} needs 'categories', a non-empty list of strings")
+        if len(set(categories)) != len(categories):
+            raise ValueError(f"string feature {item['name']!r} lists a category more than once")
+        allow = item.get("allow_unknown", False)
+        if not isinstance(allow, bool):
+            raise ValueError(f"feature {item['name']!r}: allow_unknown must be true or false")
+        return cls(item["name"], kind, tuple(categories), allow)
 
 
 @dataclass(frozen=True)
@@ -88,10 +119,16 @@ class Manifest:
     reference: dict[str, dict[str, Any]]
     onnx: dict[str, Any]
     format: int = FORMAT_VERSION
+    # "frame": fitted on a DataFrame, scored on one with the training columns and dtypes; "array": a plain array
+    input: Literal["array", "frame"] = "array"
 
     @property
     def feature_names(self) -> list[str]:
         return [f.name for f in self.features]
+
+    def contract(self) -> tuple[Any, ...]:
+        """What a request must hold for this version: a reload may not change it under running routes."""
+        return (self.input, *self.features)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -100,7 +137,8 @@ class Manifest:
             "version": self.version,
             "created": self.created,
             "task": self.task,
-            "features": [{"name": f.name, "type": f.type} for f in self.features],
+            "input": self.input,
+            "features": [f.to_dict() for f in self.features],
             "classes": self.classes,
             "versions": self.versions,
             "files": self.files,
@@ -122,13 +160,10 @@ class Manifest:
         features = data["features"]
         if not isinstance(features, list) or not features:
             raise ValueError("features must be a non-empty list")
-        parsed = []
-        for item in features:
-            if not isinstance(item, dict) or not isinstance(item.get("name"), str) or not item["name"].strip():
-                raise ValueError(f"feature entry {item!r} needs a non-empty string 'name'")
-            if item.get("type", "float") not in FEATURE_TYPES:
-                raise ValueError(f"feature {item['name']!r} has type {item.get('type')!r}, expected float or int")
-            parsed.append(Feature(item["name"], item.get("type", "float")))
+        parsed = [Feature.from_dict(item) for item in features]
+        kind = data.get("input", "array")
+        if kind not in ("array", "frame"):
+            raise ValueError(f"input is {kind!r}, expected 'array' or 'frame'")
         repeated = sorted({f.name for f in parsed if [g.name for g in parsed].count(f.name) > 1})
         if repeated:
             raise ValueError(f"feature names are not unique: {repeated} appear more than once")
@@ -141,7 +176,7 @@ class Manifest:
         for key in ("sklearn", "numpy"):
             if not isinstance(data["versions"].get(key), str):
                 raise ValueError(f"versions.{key} is missing")
-        check_reference(data["reference"], [f.name for f in parsed])
+        check_reference(data["reference"], parsed)
         return cls(
             name=str(data["name"]),
             version=str(data["version"]),
@@ -154,7 +189,8 @@ class Manifest:
             metrics=dict(data.get("metrics") or {}),
             reference=dict(data["reference"]),
             onnx=dict(data["onnx"]),
-            format=int(data.get("format", FORMAT_VERSION)),
+            format=int(data.get("format", 1)),
+            input=kind,
         )
 
 
@@ -164,10 +200,12 @@ class LoadedModel:
     path: Path
     engine: Engine
     _classes: np.ndarray | None = field(default=None, repr=False)
+    inputs: InputSchema = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.manifest.classes is not None:
             self._classes = np.asarray(self.manifest.classes, dtype=object)
+        self.inputs = InputSchema.of(self.manifest)
 
     @property
     def name(self) -> str:
@@ -189,10 +227,10 @@ class LoadedModel:
     def classes(self) -> list[str | int | float] | None:
         return self.manifest.classes
 
-    def score(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    def score(self, X: Any) -> tuple[np.ndarray, np.ndarray | None]:
         """One call into the model for the batch: (labels, probabilities) or (values, None).
 
-        X is float64 (n, n_features) in manifest order, validated by the caller.
+        X is a Batch's estimator input, built by ``self.inputs`` (app/validation.py).
         """
         out = self.engine.run(X)
         if self._classes is None:
@@ -501,9 +539,9 @@ def _engine(
 
 
 def _check_output(path: Path, manifest: Manifest, engine: Engine, check: Check) -> None:
-    """Score one row of reference means: the output must have the manifest's shape."""
-    row = np.array([[manifest.reference[n]["mean"] for n in manifest.feature_names]], dtype=np.float64)
+    """Score one row of reference means (and most common categories): the output must have the manifest's shape."""
     try:
+        row = InputSchema.of(manifest).smoke_batch(manifest.reference).X
         out = engine.run(row)
     except Exception as exc:
         raise PackageError(
@@ -525,28 +563,121 @@ def _check_output(path: Path, manifest: Manifest, engine: Engine, check: Check) 
 # ---------------------------------------------------------------- building
 
 
+def _spec(feature: Feature) -> FeatureSpec:
+    return FeatureSpec(feature.name, feature.type, feature.categories, feature.allow_unknown)
+
+
 def _plain(value: Any) -> Any:
     """numpy scalars to the Python value JSON can hold."""
     return value.item() if isinstance(value, np.generic) else value
 
 
-def _sample_matrix(sample: Any, feature_names: list[str]) -> tuple[np.ndarray, list[str] | None]:
-    """The sample as float64 in feature order, and its integer columns' names' types if known."""
+def _column_type(values: np.ndarray) -> str:
+    kind = values.dtype.kind
+    if kind == "b":
+        return "bool"
+    if kind in "iu":
+        return "int"
+    if kind == "f":
+        return "float"
+    present = [v for v in values.tolist() if v is not None]
+    if present and all(isinstance(v, (bool, np.bool_)) for v in present):
+        return "bool"
+    if present and all(isinstance(v, int) and not isinstance(v, bool) for v in present):
+        return "int"
+    if present and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in present):
+        return "float"
+    return "string"
+
+
+def _sample_columns(sample: Any, feature_names: list[str]) -> list[np.ndarray]:
+    """The sample's columns in feature order: a DataFrame by name, an array by position."""
     columns = getattr(sample, "columns", None)
     if columns is not None:  # a DataFrame: select by name
         missing = [name for name in feature_names if name not in set(columns)]
         if missing:
             raise ValueError(f"the sample has no column(s) {missing}; its columns are {list(columns)}")
-        frame = sample[feature_names]
-        types = ["int" if np.dtype(frame[c].dtype).kind in "iu" else "float" for c in feature_names]
-        return np.asarray(frame.to_numpy(dtype=np.float64)), types
+        out = []
+        for name in feature_names:
+            column = sample[name]
+            if column.isna().any():
+                raise ValueError(f"the sample's column {name!r} holds missing values; give a clean reference sample")
+            # Categoricals and pandas strings as plain objects; numbers and booleans as numpy sees them.
+            dtype = column.dtype
+            numeric = getattr(dtype, "kind", "O") in "biuf" and not hasattr(dtype, "categories")
+            out.append(column.to_numpy() if numeric else column.astype(object).to_numpy())
+        return out
     array = np.asarray(sample)
     if array.ndim != 2:
         raise ValueError(f"the sample must be 2-D (rows x features), got shape {array.shape}")
     if array.shape[1] != len(feature_names):
         raise ValueError(f"the sample has {array.shape[1]} columns, the model takes {len(feature_names)}")
-    types = ["int" if array.dtype.kind in "iu" else "float"] * array.shape[1]
-    return array.astype(np.float64), types
+    return [array[:, j] for j in range(array.shape[1])]
+
+
+def _as_type(values: np.ndarray, kind: str, name: str) -> list[Any]:
+    """A sample column as the Python values a request of that type holds."""
+    if kind == "string":
+        return [str(v) for v in values.tolist()]
+    if kind == "bool":
+        return [bool(v) for v in values.tolist()]
+    try:
+        return [float(v) for v in values.tolist()]
+    except (TypeError, ValueError):
+        raise ValueError(f"the sample's column {name!r} is not numeric, but its type is {kind}") from None
+
+
+def encoder_categories(estimator: Any, feature_names: list[str]) -> dict[str, tuple[list[Any], bool]]:
+    """{feature: (categories, unknown ones scored)} for every column an OneHotEncoder or OrdinalEncoder of
+    the model encodes, found through Pipelines and ColumnTransformers; columns it cannot trace are left out."""
+    from sklearn.compose import ColumnTransformer
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import OneHotEncoder, OrdinalEncoder
+
+    found: dict[str, tuple[list[Any], bool]] = {}
+
+    def visit(step: Any, columns: list[str]) -> None:
+        if isinstance(step, Pipeline):
+            # Only the first step sees the input columns; later ones see its output.
+            if step.steps:
+                visit(step.steps[0][1], columns)
+        elif isinstance(step, ColumnTransformer):
+            indices = getattr(step, "_transformer_to_input_indices", {})
+            for name, transformer, _ in getattr(step, "transformers_", []):
+                selected = [columns[i] for i in indices.get(name, []) if i < len(columns)]
+                if selected and transformer not in ("drop", "passthrough"):
+                    visit(transformer, selected)
+        elif isinstance(step, (OneHotEncoder, OrdinalEncoder)) and hasattr(step, "categories_"):
+            if isinstance(step, OneHotEncoder):
+                scored = step.handle_unknown in ("ignore", "infrequent_if_exist", "warn")
+            else:
+                scored = step.handle_unknown == "use_encoded_value"
+            for column, categories in zip(columns, step.categories_, strict=False):
+                found[column] = ([_plain(c) for c in categories if c is not None and c == c], scored)
+
+    visit(estimator, list(feature_names))
+    return found
+
+
+def _typed_features(
+    estimator: Any, names: list[str], columns: list[np.ndarray], types: dict[str, str]
+) -> list[Feature]:
+    encoded = encoder_categories(estimator, names)
+    features = []
+    for name, column in zip(names, columns, strict=True):
+        texts = name in encoded and bool(encoded[name][0]) and all(isinstance(c, str) for c in encoded[name][0])
+        kind = types.get(name) or ("string" if texts else _column_type(column))
+        if kind not in FEATURE_TYPES:
+            raise ValueError(f"feature {name!r}: type {kind!r} is not one of {', '.join(FEATURE_TYPES)}")
+        if kind != "string":
+            features.append(Feature(name, kind))
+            continue
+        seen = sorted({str(v) for v in column.tolist()})
+        categories, scored = encoded.get(name, (seen, False))
+        known = [str(c) for c in categories]
+        # An encoder's categories are what the model knows; without one, the sample's are all that is known.
+        features.append(Feature(name, "string", tuple(known), scored if name in encoded else False))
+    return features
 
 
 def _feature_names(estimator: Any, sample: Any, given: list[str] | None) -> list[str]:
@@ -569,29 +700,54 @@ def _feature_names(estimator: Any, sample: Any, given: list[str] | None) -> list
     )
 
 
+def _initial_types(X: np.ndarray, dtype: type, features: list[Feature] | None) -> list[tuple[str, Any]]:
+    """skl2onnx inputs: one [n, k] tensor of numbers, or one [n, 1] tensor per feature when some are strings."""
+    from skl2onnx.common.data_types import (
+        BooleanTensorType,
+        DoubleTensorType,
+        FloatTensorType,
+        Int64TensorType,
+        StringTensorType,
+    )
+
+    number = FloatTensorType if dtype is np.float32 else DoubleTensorType
+    if features is None:
+        return [("input", number([None, X.shape[1]]))]
+    kinds = {"float": number, "int": Int64TensorType, "bool": BooleanTensorType, "string": StringTensorType}
+    return [(f.name, kinds[f.type]([None, 1])) for f in features]
+
+
 def _onnx_candidate(
-    estimator: Any, task: str, X: np.ndarray, dtype: type, tolerance: float
+    estimator: Any,
+    task: str,
+    X: np.ndarray,
+    dtype: type,
+    tolerance: float,
+    fitted_input: Any = None,
+    features: list[Feature] | None = None,
 ) -> tuple[bytes | None, dict[str, Any]]:
-    """Convert with skl2onnx at one precision and measure it against scikit-learn on X."""
+    """Convert with skl2onnx at one precision and measure it against scikit-learn on X.
+
+    With ``features`` (a model with string features) each feature is an input of its own, fed from
+    ``fitted_input``, the DataFrame or object array scikit-learn scores."""
     from skl2onnx import to_onnx
-    from skl2onnx.common.data_types import DoubleTensorType, FloatTensorType
 
     precision = "float32" if dtype is np.float32 else "float64"
-    tensor = FloatTensorType if dtype is np.float32 else DoubleTensorType
     options = {id(estimator): {"zipmap": False}} if task == "classifier" else None
     record: dict[str, Any] = {"precision": precision}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model = to_onnx(estimator, initial_types=[("input", tensor([None, X.shape[1]]))], options=options)
+            model = to_onnx(estimator, initial_types=_initial_types(X, dtype, features), options=options)
         data = model.SerializeToString()
         engine = OnnxEngine(data, task)
         record["output"] = engine.output_names[0]
-        got = engine.run(X)
+        got = engine.run(X if features is None else fitted_input)
     except Exception as exc:  # unsupported estimators raise many kinds of errors
         record["reason"] = f"skl2onnx cannot convert it: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
         return None, record
-    expected = SklearnEngine(estimator, task).run(X)
+    # scikit-learn scores what it serves on (a DataFrame for a model fitted on one), ONNX the plain matrix.
+    expected = SklearnEngine(estimator, task).run(X if fitted_input is None else fitted_input)
     if got.shape != expected.shape:
         record["reason"] = f"ONNX output shape {got.shape} differs from scikit-learn's {expected.shape}"
         return None, record
@@ -617,7 +773,12 @@ def _onnx_candidate(
 
 
 def _convert_onnx(
-    estimator: Any, task: str, X: np.ndarray, tolerance: float = ONNX_TOLERANCE
+    estimator: Any,
+    task: str,
+    X: np.ndarray,
+    tolerance: float = ONNX_TOLERANCE,
+    fitted_input: Any = None,
+    features: list[Feature] | None = None,
 ) -> tuple[bytes | None, dict[str, Any]]:
     """model.onnx bytes if a conversion passes the equivalence gate, and what the manifest records.
 
@@ -626,7 +787,7 @@ def _convert_onnx(
     """
     attempts = []
     for dtype in (np.float32, np.float64):
-        data, record = _onnx_candidate(estimator, task, X, dtype, tolerance)
+        data, record = _onnx_candidate(estimator, task, X, dtype, tolerance, fitted_input, features)
         if data is not None:
             return data, {
                 "kept": True,
@@ -682,13 +843,17 @@ def build_package(
     models_dir: Path,
     sample: Any,
     feature_names: list[str] | None = None,
-    feature_types: list[str] | None = None,
+    feature_types: list[str] | dict[str, str] | None = None,
     metrics: dict | None = None,
     onnx: bool = True,
     overwrite: bool = False,
     onnx_tolerance: float = ONNX_TOLERANCE,
 ) -> Path:
-    """Write <models_dir>/<name>/<version>/ atomically; returns its path. Raises ValueError on bad input."""
+    """Write <models_dir>/<name>/<version>/ atomically; returns its path. Raises ValueError on bad input.
+
+    Feature types are inferred from the sample (and the model's encoders for categories); ``feature_types``
+    overrides them, as a list in feature order or a {name: type} mapping of some.
+    """
     import joblib
 
     for label, value in (("name", name), ("version", version)):
@@ -721,22 +886,48 @@ def build_package(
     n_in = getattr(estimator, "n_features_in_", None)
     if n_in is not None and n_in != len(names):
         raise ValueError(f"the model takes {n_in} features but {len(names)} names were given: {names}")
-    X, inferred_types = _sample_matrix(sample, names)
-    if X.shape[0] == 0:
+    columns = _sample_columns(sample, names)
+    if len(columns[0]) == 0:
         raise ValueError("the sample has no rows")
-    if not np.isfinite(X).all():
+    if isinstance(feature_types, dict):
+        unknown = sorted(set(feature_types) - set(names))
+        if unknown:
+            raise ValueError(f"feature types given for {unknown}, which are not features of the model {names}")
+        types = dict(feature_types)
+    elif feature_types is not None:
+        if len(feature_types) != len(names):
+            raise ValueError(f"give one feature type per feature, in order; got {list(feature_types)} for {names}")
+        types = dict(zip(names, feature_types, strict=True))
+    else:
+        types = {}
+    bad = {n: t for n, t in types.items() if t not in FEATURE_TYPES}
+    if bad:
+        raise ValueError(f"feature types must be one of {', '.join(FEATURE_TYPES)}; got {bad}")
+    features = _typed_features(estimator, names, columns, types)
+    frame = getattr(estimator, "feature_names_in_", None) is not None and hasattr(sample, "columns")
+    schema = InputSchema([_spec(f) for f in features], frame=frame)
+    try:
+        batch = schema.columns(
+            [_as_type(c, f.type, f.name) for c, f in zip(columns, features, strict=True)], math.inf
+        )
+    except ValidationFailure as exc:
+        d = exc.details[0]
+        raise ValueError(
+            f"the sample does not fit its feature types: row {d['loc'][0] if d['loc'] else '?'}, "
+            f"feature {d['loc'][1] if len(d['loc']) > 1 else '?'}: {d['msg']}"
+        ) from None
+    if schema.numeric and not np.isfinite(batch.codes).all():
         raise ValueError("the sample holds NaN or infinite values; give a clean reference sample")
-    types = list(feature_types) if feature_types is not None else inferred_types
-    if len(types) != len(names) or any(t not in FEATURE_TYPES for t in types):
-        raise ValueError(f"give one feature type (float or int) per feature, in order; got {types} for {names}")
+    X = batch.X
 
-    # Serving scores plain arrays and derives labels from probabilities: check both hold for this model.
+    # Serving scores the input the schema builds and derives labels from probabilities: check both hold.
     try:
         served = SklearnEngine(estimator, task).run(X)
     except Exception as exc:
+        shape = "a DataFrame of the training columns" if frame else "a plain array"
         raise ValueError(
-            f"the model cannot score the sample as a plain numeric array ({type(exc).__name__}: {exc}); "
-            "models that select columns by name or take text are not supported"
+            f"the model cannot score the sample as {shape} ({type(exc).__name__}: {exc}); "
+            "fit it on a DataFrame (columns by name) or an array in feature order"
         ) from None
     classes = None
     if task == "classifier":
@@ -751,12 +942,17 @@ def build_package(
                 "the service derives labels from probabilities, so package a model whose predict is the argmax "
                 "(e.g. calibrate it with CalibratedClassifierCV)"
             )
-    elif served.shape != (X.shape[0],):
+    elif served.shape != (len(batch),):
         raise ValueError("multi-output regressors are not supported")
 
     onnx_bytes, onnx_record = (None, {"kept": False, "reason": "disabled when packaging", "max_abs_diff": None})
     if onnx:
-        onnx_bytes, onnx_record = _convert_onnx(estimator, task, X, onnx_tolerance)
+        # String features: one ONNX input per feature (string tensors for the encoders), through the same gate.
+        per_feature = None if schema.numeric else features
+        onnx_bytes, onnx_record = _convert_onnx(estimator, task, batch.values, onnx_tolerance, batch.X, per_feature)
+        if per_feature is not None and not onnx_record["kept"]:
+            strings = [f.name for f in features if f.type == "string"]
+            onnx_record["reason"] = f"with string features {strings}: {onnx_record['reason']}"
 
     buffer = io.BytesIO()
     joblib.dump(estimator, buffer, compress=0)  # uncompressed: loads fastest
@@ -768,13 +964,14 @@ def build_package(
         version=str(version),
         created=datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
         task=task,  # type: ignore[arg-type]
-        features=[Feature(n, t) for n, t in zip(names, types, strict=True)],
+        features=features,
         classes=classes,
         versions=runtime_versions(),
         files={filename: _sha256(data) for filename, data in files.items()},
         metrics=dict(metrics or {}),
-        reference=reference_statistics(X, names),
+        reference=reference_statistics(batch.codes, features),
         onnx=onnx_record,
+        input="frame" if frame else "array",
     )
 
     parent = final.parent

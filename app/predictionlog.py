@@ -244,7 +244,7 @@ class PredictionLog:
             log.warning("MLAPI_PREDICTION_LOG_REDACT names features no model has; check the spelling",
                         extra={"unknown_features": unknown})
 
-    def write(self, state: Any, scored: Scored, X: np.ndarray) -> None:
+    def write(self, state: Any, scored: Scored) -> None:
         """Queue a record of this scored request when the sample picks it; never raises, never waits."""
         if not self.sample or random.random() >= self.sample:
             return
@@ -253,7 +253,7 @@ class PredictionLog:
         pending = _Pending(
             request_id=getattr(state, "request_id", None),
             scored=scored,
-            X=X,
+            X=scored.batch.values,
             latency_ms=round((now - started) * 1000, 3) if started is not None else None,
             time=time.time(),
         )

@@ -1,38 +1,29 @@
 """Request and response schemas.
 
-Request models are built from each model's manifest, so the OpenAPI schema and
-/docs show the real feature names and types, and validation errors name the
-feature that was wrong. A feature is a field with a safe internal name and the
-feature's name as its alias, so any column name works, even one pydantic
-reserves (``model_config``) or one that is no Python identifier (``sepal width``).
+A request body's features are checked by the one input path (app/validation.py),
+with the manifest of the version that scores them, never here: pydantic only
+parses the JSON. The models below show each model's features in the OpenAPI
+schema and /docs: their real names, types, and the known categories of a string
+feature as an enum when the model refuses unknown ones. A feature is a field
+with a safe internal name and the feature's name as its alias, so any column
+name works, even one pydantic reserves (``model_config``) or one that is no
+Python identifier (``sepal width``).
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, create_model
 
-from app.packaging import Manifest
+from app.packaging import Feature, Manifest
+from app.validation import reference_row
 
 
 class FeaturesBase(BaseModel):
     """Feature values by name; an ordered list of values is accepted too."""
 
     model_config = ConfigDict(extra="forbid")
-    __feature_names__: tuple[str, ...] = ()
-
-    @model_validator(mode="before")
-    @classmethod
-    def _ordered_list(cls, data: Any) -> Any:
-        if isinstance(data, (list, tuple)):
-            names = cls.__feature_names__
-            if len(data) != len(names):
-                raise ValueError(
-                    f"expected {len(names)} values in the order {list(names)}, got {len(data)}"
-                )
-            return dict(zip(names, data))
-        return data
 
 
 def _names(manifest: Manifest) -> list[str]:
@@ -40,7 +31,7 @@ def _names(manifest: Manifest) -> list[str]:
 
 
 def field_names(manifest: Manifest) -> tuple[str, ...]:
-    """The attribute that holds each feature's value in a validated instance, in manifest order."""
+    """The attribute that holds each feature in the schema model, in manifest order."""
     return tuple(f"feature_{i}" for i in range(len(manifest.features)))
 
 
@@ -49,48 +40,54 @@ def _class_name(model_name: str, suffix: str) -> str:
     return "".join(w[:1].upper() + w[1:] for w in words) + suffix
 
 
+def _example(manifest: Manifest) -> dict[str, Any]:
+    return dict(zip(_names(manifest), reference_row(manifest.features, manifest.reference), strict=True))
+
+
+def _value_type(feature: Feature, max_abs: float) -> Any:
+    """What one feature's value is, as a type the JSON schema shows (its check is app/validation.py's)."""
+    if feature.type == "string":
+        if feature.allow_unknown:
+            return Annotated[str, Field(description=f"{feature.name} (string: a category; known "
+                                                    f"{list(feature.categories or ())}, others are scored too)")]
+        return Annotated[Literal[tuple(feature.categories or ())],  # type: ignore[misc]
+                         Field(description=f"{feature.name} (string: one of the categories the model knows)")]
+    if feature.type == "bool":
+        return Annotated[bool, Field(description=f"{feature.name} (bool)")]
+    number = int if feature.type == "int" else float
+    return Annotated[number, Field(ge=-max_abs, le=max_abs, description=f"{feature.name} ({feature.type})")]
+
+
 def feature_model(manifest: Manifest, max_abs: float) -> type[FeaturesBase]:
-    """A pydantic model with one strict, finite, bounded number field per feature."""
-    fields: dict[str, Any] = {}
-    means = {f: (manifest.reference.get(f) or {}).get("mean") for f in _names(manifest)}
-    for field_name, feature in zip(field_names(manifest), manifest.features, strict=True):
-        example = means.get(feature.name)
-        number = int if feature.type == "int" else float
-        fields[field_name] = (
-            Annotated[
-                number,
-                Field(
-                    alias=feature.name,
-                    title=feature.name,
-                    strict=True,
-                    allow_inf_nan=False,
-                    ge=-max_abs,
-                    le=max_abs,
-                    description=f"{feature.name} ({feature.type})",
-                    examples=[round(float(example), 3)] if example is not None else None,
-                ),
-            ],
+    """The features of one model as a pydantic model: what the OpenAPI schema shows for a request."""
+    example = _example(manifest)
+    fields: dict[str, Any] = {
+        field_name: (
+            Annotated[_value_type(feature, max_abs),
+                      Field(alias=feature.name, title=feature.name, examples=[example[feature.name]])],
             ...,
         )
-    model = create_model(  # type: ignore[call-overload]
+        for field_name, feature in zip(field_names(manifest), manifest.features, strict=True)
+    }
+    return create_model(  # type: ignore[call-overload,no-any-return]
         _class_name(manifest.name, "Features"),
         __base__=FeaturesBase,
         __doc__=f"Features of model {manifest.name!r}, by name (or as a list in this order).",
         **fields,
     )
-    model.__feature_names__ = tuple(_names(manifest))
-    return model
 
 
-def _example(manifest: Manifest) -> dict[str, float]:
-    return {
-        f: round(float((manifest.reference.get(f) or {}).get("mean", 0.0)), 3) for f in _names(manifest)
-    }
+def _parsed_only(manifest: Manifest, max_abs: float) -> Any:
+    """A body value pydantic parses without checking; the schema shows the features by name, or as a list
+    of exactly one value per feature in manifest order."""
+    in_order = tuple[tuple(_value_type(f, max_abs) for f in manifest.features)]  # type: ignore[misc]
+    shown = feature_model(manifest, max_abs) | in_order
+    return Annotated[Any, PlainValidator(lambda value: value, json_schema_input_type=shown)]
 
 
 def request_models(manifest: Manifest, max_abs: float, max_batch: int) -> tuple[type[BaseModel], type[BaseModel]]:
     """(single, batch) request models for one model."""
-    features = feature_model(manifest, max_abs)
+    features = _parsed_only(manifest, max_abs)
     example = _example(manifest)
     single = create_model(
         _class_name(manifest.name, "PredictRequest"),

@@ -12,7 +12,7 @@ from tests.servers import mlapi
 
 @pytest.fixture(scope="session")
 def demo_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The demo model packages (iris, iris-logreg, diabetes at version 1), built once per session."""
+    """The demo model packages (iris, iris-logreg, diabetes, churn at version 1), built once per session."""
     models = tmp_path_factory.mktemp("models")
     mlapi("train-demo", "--models-dir", models, check=True)
     return models

@@ -15,7 +15,7 @@ from pathlib import Path
 from app.cli.arguments import non_negative_float, positive_int
 from app.cli.progress import LINE_SECONDS, Progress
 from app.packaging import LoadedModel, PackageError, load_package
-from app.validation import ValidationFailure, to_matrix
+from app.validation import ValidationFailure
 
 COMMAND = "score"
 SUMMARY = "score a CSV file offline with a model package"
@@ -23,8 +23,10 @@ DESCRIPTION = """\
 Score a CSV file with a model package, offline, into a new CSV file.
 
 The package goes through the service's own gate and every row through the
-service's own validation: each feature named in the header, every value a
-finite number within --max-abs. The output holds the input columns plus
+service's own validation: each feature named in the header, every number
+finite and within --max-abs, an int feature a whole number, a bool feature
+true/false (or 1/0), a string feature one of the model's categories unless its
+encoder scores unknown ones. The output holds the input columns plus
 `prediction` and, for a classifier, one `probability_<class>` column per class.
 On the first bad row the command stops, names the line and column, and writes
 nothing: the output is written to a temporary file and renamed into place only
@@ -65,11 +67,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _number(cell: str) -> float | str:
-    # Anything that is not a number stays a string, so to_matrix names it in its own words.
+    # Anything that is not a number stays a string, so the input path names it in its own words.
     try:
         return float(cell)
     except ValueError:
         return cell
+
+
+_BOOLEANS = {"true": True, "false": False, "1": True, "0": False}
+
+
+def _boolean(cell: str) -> bool | str:
+    return _BOOLEANS.get(cell.strip().lower(), cell)
+
+
+def _string(cell: str) -> str:
+    return cell
+
+
+# A CSV cell is text: each feature type reads it as the value a JSON request would hold.
+CELL_READERS = {"float": _number, "int": _number, "bool": _boolean, "string": _string}
 
 
 def _output_columns(header: list[str], model: LoadedModel) -> list[str]:
@@ -110,6 +127,7 @@ def score_file(
                     hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
                 raise InputError(f"{source} has no column {', '.join(hints)}; the model needs {features}")
             columns = [header.index(name) for name in features]
+            readers = [CELL_READERS[f.type] for f in model.manifest.features]
             writer = csv.writer(fh_out)
             writer.writerow(_output_columns(header, model))
             if progress is not None:
@@ -121,15 +139,15 @@ def score_file(
                         raise InputError(
                             f"{source} line {first_line + offset}: {len(record)} fields, the header has {len(header)}"
                         )
-                values = [[_number(record[j]) for j in columns] for record in chunk]
+                values = [[read(record[j]) for read, j in zip(readers, columns, strict=True)] for record in chunk]
                 try:
-                    X = to_matrix(values, features, max_abs)
+                    batch = model.inputs.rows(values, max_abs)
                 except ValidationFailure as exc:
                     where = exc.details[0]["loc"]
                     line = first_line + where[0] if where else first_line
                     column = f", column {where[1]!r}" if len(where) > 1 else ""
                     raise InputError(f"{source} line {line}{column}: {exc.details[0]['msg']}") from None
-                predictions, probabilities = model.score(X)
+                predictions, probabilities = model.score(batch.X)
                 if probabilities is None:
                     added = [[repr(float(v))] for v in predictions]
                 else:

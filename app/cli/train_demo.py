@@ -1,4 +1,4 @@
-"""``mlapi train-demo``: train the demo models on datasets scikit-learn ships and package them."""
+"""``mlapi train-demo``: train the demo models on datasets scikit-learn ships (or generates) and package them."""
 
 from __future__ import annotations
 
@@ -17,13 +17,17 @@ IRIS_FEATURES = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
 RANDOM_STATE = 42
 
 COMMAND = "train-demo"
-SUMMARY = "train and package the demo models (iris, iris-logreg, diabetes)"
+SUMMARY = "train and package the demo models (iris, iris-logreg, diabetes, churn)"
 DESCRIPTION = """\
 Train the demo models on datasets scikit-learn ships and package them:
 
   iris         RandomForestClassifier (100 trees) predicting species names
   iris-logreg  StandardScaler + LogisticRegression on the same data
   diabetes     GradientBoostingRegressor on the diabetes progression data
+  churn        ColumnTransformer (OneHotEncoder on the string columns plan and
+               region, StandardScaler on the numbers) + LogisticRegression,
+               fitted on a DataFrame of customers generated with a fixed seed:
+               an unknown plan is refused, an unknown region is scored
 
 Each model is fitted on a training split; its metrics on the training and the
 held-out validation split go into the manifest, and the validation split is the
@@ -49,6 +53,44 @@ def _diabetes() -> tuple[np.ndarray, np.ndarray, list[str]]:
 
     data = load_diabetes()
     return data.data, data.target, list(data.feature_names)
+
+
+CHURN_ROWS = 2000
+CHURN_PLANS = ["basic", "pro", "team"]
+CHURN_REGIONS = ["apac", "eu", "us"]
+
+
+def churn_data(rows: int = CHURN_ROWS, seed: int = RANDOM_STATE) -> tuple[Any, np.ndarray, list[str]]:
+    """Customers with string, int, float and bool columns and whether they churned; the same for a seed."""
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    plan = rng.choice(CHURN_PLANS, size=rows, p=[0.5, 0.3, 0.2])
+    region = rng.choice(CHURN_REGIONS, size=rows, p=[0.2, 0.45, 0.35])
+    seats = rng.integers(1, 60, size=rows)
+    usage = np.round(rng.gamma(2.0, 12.0, size=rows), 2)
+    annual = rng.random(rows) < 0.4
+    logit = (0.8 + 1.1 * (plan == "basic") - 0.9 * (plan == "team") + 0.4 * (region == "apac")
+             - 0.03 * seats - 0.04 * usage - 1.2 * annual)
+    churned = rng.random(rows) < 1 / (1 + np.exp(-logit))
+    frame = pd.DataFrame({"plan": plan.astype(object), "region": region.astype(object), "seats": seats,
+                          "monthly_usage": usage, "annual": annual})
+    return frame, np.where(churned, "churns", "stays"), list(frame.columns)
+
+
+def _churn_pipeline() -> Any:
+    from sklearn.compose import ColumnTransformer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import OneHotEncoder, StandardScaler
+
+    columns = ColumnTransformer([
+        ("plan", OneHotEncoder(handle_unknown="error"), ["plan"]),
+        ("region", OneHotEncoder(handle_unknown="ignore"), ["region"]),
+        ("numbers", StandardScaler(), ["seats", "monthly_usage"]),
+        ("flags", "passthrough", ["annual"]),
+    ])
+    return Pipeline([("columns", columns), ("classify", LogisticRegression(max_iter=1000))])
 
 
 def _classifier_metrics(model: Any, X: np.ndarray, y: np.ndarray, split: str) -> dict[str, float]:
@@ -96,6 +138,7 @@ DEMO_MODELS: dict[str, tuple[Callable, Callable, Callable, bool]] = {
     "iris": (_iris, _random_forest, _classifier_metrics, True),
     "iris-logreg": (_iris, _logistic_regression, _classifier_metrics, True),
     "diabetes": (_diabetes, _gradient_boosting, _regressor_metrics, False),
+    "churn": (churn_data, _churn_pipeline, _classifier_metrics, True),
 }
 
 

@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from app.cli.arguments import positive_int
 from app.packaging import PackageError, load_package
@@ -49,8 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def verify(path: Path, engine: str = "auto", onnx_threads: int = 1) -> dict[str, Any]:
     """The summary of a package that passed the gate and scored one row; raises PackageError otherwise."""
     model = load_package(path, engine=engine, onnx_threads=onnx_threads)
-    row = np.array([[model.manifest.reference[n]["mean"] for n in model.feature_names]], dtype=np.float64)
-    labels, _ = model.score(row)
+    labels, _ = model.score(model.inputs.smoke_batch(model.manifest.reference).X)
     return {
         "ok": True,
         "package": str(path),

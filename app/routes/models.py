@@ -22,7 +22,7 @@ def version_info(registry: ModelRegistry, served: ServedModel, model: LoadedMode
         "engine": model.engine.name,
         "task": m.task,
         "created": m.created,
-        "features": [{"name": f.name, "type": f.type} for f in m.features],
+        "features": [f.to_dict() for f in m.features],
         "classes": m.classes,
         "metrics": m.metrics,
         "runtime_versions": m.versions,

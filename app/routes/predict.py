@@ -1,7 +1,10 @@
 """POST /v1/predict and friends: one instance or a batch, for the default model or a named one.
 
 Routes are made per model from its manifest, so each body schema names the
-model's real features. Endpoints are plain ``def``, run in the threadpool so
+model's real features. The body is only parsed here: its features are checked
+and turned into the estimator's input by app/validation.py, with the manifest
+of the version that scores the request; this module only maps the problems'
+locations onto the body (``["body", "features", name]``). Endpoints are plain ``def``, run in the threadpool so
 inference does not block the event loop, except a single row of a model whose
 measured cost is below a thread hand-off (app/inference.py), scored inline.
 
@@ -19,7 +22,6 @@ included, goes through FastAPI unchanged, so errors keep one code path.
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 from fastapi import APIRouter, BackgroundTasks, Request
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ValidationError
@@ -39,7 +41,7 @@ from app.deps import (
 )
 from app.errors import APIError
 from app.inference import Scored, score, scores_inline, shadow_score
-from app.packaging import Manifest
+from app.packaging import LoadedModel, Manifest
 from app.registry import ModelRegistry, UnknownModel
 from app.responses import FastJSONResponse
 from app.schemas import (
@@ -48,15 +50,23 @@ from app.schemas import (
     BatchPrediction,
     KServePrediction,
     Prediction,
-    field_names,
     request_models,
 )
 from app.security import shared_limit
 from app.settings import Settings
+from app.validation import ValidationFailure
+
+INVALID_FEATURES = "the request body does not match the schema; see details for each field"
 
 
-def _matrix(instances: list[BaseModel], names: tuple[str, ...]) -> np.ndarray:
-    return np.array([[inst.__dict__[n] for n in names] for inst in instances], dtype=np.float64)
+def _invalid(exc: ValidationFailure, batch: bool) -> APIError:
+    """The core's problems at their place in the body: [row, feature] is instances.row.feature or features.feature."""
+    details = []
+    for d in exc.details:
+        loc = list(d["loc"])
+        where = ["body", "instances", *loc] if batch else ["body", "features", *loc[1:]]
+        details.append({"loc": where if loc else ["body"], "msg": d["msg"]})
+    return APIError(422, INVALID_FEATURES, details=details)
 
 
 def _run(
@@ -64,18 +74,26 @@ def _run(
     registry: ModelRegistry,
     background: BackgroundTasks,
     name: str,
-    X: np.ndarray,
+    rows: list[Any],
+    batch: bool,
     user_id: str | None,
     version: str | None,
 ) -> Scored:
+    max_abs = registry.settings.max_abs_value
+
+    def decode(model: LoadedModel) -> Any:
+        return model.inputs.rows(rows, max_abs)
+
     try:
         served = registry.get(name)
-        scored = score(registry, served, X, user_id=user_id, version=version, state=request.state)
+        scored = score(registry, served, decode, user_id=user_id, version=version, state=request.state)
     except UnknownModel as exc:
         raise APIError(404, str(exc), code="model_not_found") from None
-    request.app.state.prediction_log.write(request.state, scored, X)
+    except ValidationFailure as exc:
+        raise _invalid(exc, batch) from None
+    request.app.state.prediction_log.write(request.state, scored)
     if served.shadow is not None:
-        background.add_task(shadow_score, served, scored, X, request.state.request_id)
+        background.add_task(shadow_score, served, scored, request.state.request_id)
     return scored
 
 
@@ -177,16 +195,15 @@ def build_router(manifests: dict[str, Manifest], default: str | None, settings: 
     # The default model's routes first: routes are matched in order, and /v1/predict is the busiest.
     for name, manifest in sorted(manifests.items(), key=lambda item: item[0] != default):
         single_body, batch_body = request_models(manifest, settings.max_abs_value, settings.max_batch_size)
-        names = field_names(manifest)
         for batch, body_type in ((False, single_body), (True, batch_body)):
             suffix = "/predict/batch" if batch else "/predict"
             paths = [f"/models/{name}{suffix}"] + ([f"{suffix}"] if name == default else [])
             for path in paths:
-                _add_route(router, path, name, names, body_type, limit, settings, batch=batch, versioned=False)
-            _add_route(router, f"/models/{name}/versions/{{version}}{suffix}", name, names, body_type, limit,
+                _add_route(router, path, name, body_type, limit, settings, batch=batch, versioned=False)
+            _add_route(router, f"/models/{name}/versions/{{version}}{suffix}", name, body_type, limit,
                        settings, batch=batch, versioned=True)
         # KServe's V1 protocol: {"instances": [...]} in, {"predictions": [...]} out, errors {"error": "..."}.
-        _add_route(router, f"/models/{name}:predict", name, names, batch_body, limit, settings, batch=True,
+        _add_route(router, f"/models/{name}:predict", name, batch_body, limit, settings, batch=True,
                    versioned=False, kserve=True)
 
     async def kserve_unknown_model(request: Request, name: str) -> None:
@@ -232,7 +249,6 @@ def _add_route(
     router: APIRouter,
     path: str,
     name: str,
-    names: tuple[str, ...],
     body_type: type,
     limit: Any,
     settings: Settings,
@@ -253,8 +269,8 @@ def _add_route(
         user_id: UserId = None,
         model_version: VersionOverride = None,
     ) -> FastJSONResponse:
-        X = _matrix(body.instances if batch else [body.features], names)
-        scored = _run(request, registry, background, name, X, user_id, version or model_version)
+        rows = body.instances if batch else [body.features]
+        scored = _run(request, registry, background, name, rows, batch, user_id, version or model_version)
         return FastJSONResponse(respond(scored, request.state.request_id))
 
     operation_id = _operation_id("kserve_v1_predict" if kserve else "predict_batch" if batch else "predict", path)

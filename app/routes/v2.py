@@ -1,14 +1,18 @@
 """Open Inference Protocol v2 (REST), so KServe, MLServer and Triton clients work unchanged.
 
-Inputs come either as one tensor of shape [n, n_features] in manifest order, or
-as one tensor per feature named after it (shape [n] or [n, 1]), as JSON or as
-binary tensor data (app/tensors.py), in a body that may be gzip or deflate
-compressed and may carry any Content-Type (tritonclient sends none). Outputs
-follow MLServer's scikit-learn runtime: ``predict`` alone unless outputs are
-requested (labels or values, shape [n, 1]), ``predict_proba`` on request for
-classifiers ([n, n_classes], class order in parameters), each as JSON or binary
-data, and the classification extension's top classes. Errors are
-``{"error": "..."}`` as the protocol asks.
+Inputs come either as one numeric tensor of shape [n, n_features] in manifest
+order (for a model whose features are all numbers), or as one tensor per
+feature named after it (shape [n] or [n, 1]; ``BYTES`` for a string feature),
+which is what MLServer's pandas codec sends; as JSON or as binary tensor data
+(app/tensors.py), in a body that may be gzip or deflate compressed and may carry
+any Content-Type (tritonclient sends none). ``decode`` only takes the tensors
+apart: app/validation.py checks the values and builds the estimator's input,
+with the manifest of the version that scores the request. Outputs follow
+MLServer's scikit-learn runtime: ``predict`` alone unless outputs are requested
+(labels or values, shape [n, 1]), ``predict_proba`` on request for classifiers
+([n, n_classes], class order in parameters), each as JSON or binary data, and
+the classification extension's top classes. Errors are ``{"error": "..."}`` as
+the protocol asks.
 """
 
 import functools
@@ -35,6 +39,7 @@ from app.routes.health import readiness
 from app.schemas import ProtocolError
 from app.security import shared_limit
 from app.settings import Settings
+from app.validation import Batch, ValidationFailure
 
 Datatype = Literal[
     "BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64", "BYTES"
@@ -178,7 +183,39 @@ def _declared_rows(tensors: list[RequestInput], names: list[str]) -> int:
     return rows.pop()
 
 
-def to_matrix(body: InferenceRequest, model: LoadedModel, max_abs: float, max_rows: int) -> np.ndarray:
+def _flat(data: list[Any]) -> list[Any]:
+    """The values of a tensor in row-major order (the protocol's flat form, or nested lists)."""
+    if not any(isinstance(value, list) for value in data[:1]):
+        return data
+    out: list[Any] = []
+    pending = [iter(data)]
+    while pending:
+        for value in pending[-1]:
+            if isinstance(value, list):
+                pending.append(iter(value))
+                break
+            out.append(value)
+        else:
+            pending.pop()
+    return out
+
+
+def _refused(exc: ValidationFailure, single_tensor: str | None) -> APIError:
+    """The core's first problem, located by input (and feature for one tensor of all features)."""
+    first = exc.details[0]
+    loc = first["loc"]
+    if len(loc) > 1:
+        where = (f"input {single_tensor!r} row {loc[0]}, feature {loc[1]!r}" if single_tensor
+                 else f"input {loc[1]!r} row {loc[0]}")
+    else:
+        where = "inputs"
+    more = len(exc.details) - 1
+    return _bad(f"{where}: {first['msg']}" + (f" (and {more} more problems)" if more else ""))
+
+
+def decode(body: InferenceRequest, model: LoadedModel, max_abs: float, max_rows: int) -> Batch:
+    """The inputs of a request as the estimator input of ``model``; APIError 400/413 for what does not fit."""
+    schema = model.inputs
     names = model.feature_names
     k = len(names)
     tensors = body.inputs
@@ -194,23 +231,26 @@ def to_matrix(body: InferenceRequest, model: LoadedModel, max_abs: float, max_ro
         count = _count_values(t.data)
         if count != needed:
             raise _bad(f"input {t.name!r}: shape {t.shape} needs {needed} values, got {count}")
-        if not _only_numbers(t.data):
+        if t.datatype not in ("BYTES", "BOOL") and not _only_numbers(t.data):
             raise _bad(f"input {t.name!r}: data must be numbers (JSON numbers, not strings, booleans or null)")
+    single = tensors[0].name if len(tensors) == 1 and tensors[0].name not in names else None
     try:
-        if len(tensors) == 1 and tensors[0].name not in names:
-            X = np.asarray(tensors[0].data, dtype=np.float64).reshape(rows, k)
-        else:
-            by_name = {t.name: t for t in tensors}
-            X = np.column_stack([np.asarray(by_name[n].data, dtype=np.float64).reshape(-1) for n in names])
-    except OverflowError:  # an integer literal beyond float64 (JSON allows any length)
-        raise _bad("input data must lie within the range of a 64-bit float") from None
-    except (TypeError, ValueError) as exc:
-        raise _bad(f"input data must be numbers: {exc}") from None
-    if not np.isfinite(X).all():
-        raise _bad("input data must be finite numbers (no NaN or Infinity)")
-    if (np.abs(X) > max_abs).any():
-        raise _bad(f"input values must lie within +/-{max_abs:g}")
-    return X
+        if single is not None:
+            t = tensors[0]
+            if not schema.numeric or t.datatype in ("BYTES", "BOOL"):
+                raise _bad(
+                    f"input {t.name!r}: one [n, {k}] tensor takes numbers only; this model takes "
+                    f"{[f'{f.name} ({f.type})' for f in schema.features]}: send one input per feature, named after it"
+                )
+            try:
+                X = np.asarray(t.data, dtype=np.float64).reshape(rows, k)
+            except OverflowError:  # an integer literal beyond float64 (JSON allows any length)
+                raise _bad("input data must lie within the range of a 64-bit float") from None
+            return schema.matrix(X, max_abs)
+        by_name = {t.name: t for t in tensors}
+        return schema.columns([_flat(by_name[n].data) for n in names], max_abs)
+    except ValidationFailure as exc:
+        raise _refused(exc, single) from None
 
 
 def _datatype(values: np.ndarray) -> str:
@@ -228,8 +268,17 @@ def _triton_type(datatype: str) -> str:
     return "TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}"
 
 
-def _model_metadata(served: ServedModel, model: LoadedModel) -> dict[str, Any]:
+_TENSOR_TYPES = {"float": "FP64", "int": "INT64", "bool": "BOOL", "string": "BYTES"}
+
+
+def _metadata_inputs(model: LoadedModel) -> list[dict[str, Any]]:
     k = len(model.feature_names)
+    if model.inputs.numeric:
+        return [{"name": "input-0", "datatype": "FP64", "shape": [-1, k], "parameters": {"features": model.feature_names}}]
+    return [{"name": f.name, "datatype": _TENSOR_TYPES[f.type], "shape": [-1, 1]} for f in model.manifest.features]
+
+
+def _model_metadata(served: ServedModel, model: LoadedModel) -> dict[str, Any]:
     outputs = [{"name": "predict", "datatype": "BYTES" if model.task == "classifier" else "FP64", "shape": [-1, 1]}]
     if model.task == "classifier":
         outputs.append({"name": "predict_proba", "datatype": "FP64", "shape": [-1, len(model.classes or [])]})
@@ -237,7 +286,7 @@ def _model_metadata(served: ServedModel, model: LoadedModel) -> dict[str, Any]:
         "name": served.name,
         "versions": sorted(served.versions),
         "platform": "onnxruntime" if model.engine.name == "onnx" else "sklearn",
-        "inputs": [{"name": "input-0", "datatype": "FP64", "shape": [-1, k], "parameters": {"features": model.feature_names}}],
+        "inputs": _metadata_inputs(model),
         "outputs": outputs,
         "parameters": {"version": model.version, "classes": model.classes, "engine": model.engine.name},
     }
@@ -469,16 +518,19 @@ def build_router(settings: Settings, limiter: Limiter) -> APIRouter:
     ) -> Response:
         # The version is checked before the body: a refused version costs no decoding.
         served, reference = lookup(registry, name, version)
-        inputs = _with_binary_inputs(body, getattr(request.state, "binary_tensor_data", b""))
-        X = to_matrix(body.model_copy(update={"inputs": inputs}), reference, settings.max_abs_value,
-                      settings.max_batch_size)
+        request_body = body.model_copy(
+            update={"inputs": _with_binary_inputs(body, getattr(request.state, "binary_tensor_data", b""))})
         # Outputs are checked before scoring: a request the model cannot answer costs no inference.
         requested = _requested_outputs(body, _output_names(reference))
         user = request.headers.get("x-user-id")
-        scored = score(registry, served, X, user_id=user, version=version, state=request.state)
-        request.app.state.prediction_log.write(request.state, scored, X)
+
+        def decoded(model: LoadedModel) -> Batch:
+            return decode(request_body, model, settings.max_abs_value, settings.max_batch_size)
+
+        scored = score(registry, served, decoded, user_id=user, version=version, state=request.state)
+        request.app.state.prediction_log.write(request.state, scored)
         if served.shadow is not None:
-            background.add_task(shadow_score, served, scored, X, request.state.request_id)
+            background.add_task(shadow_score, served, scored, request.state.request_id)
         outputs = _outputs(scored, requested)
         payload = {
             "model_name": name,

@@ -23,6 +23,7 @@ from pathlib import Path
 from load import IRIS, ContinuousClient, HttpsClient
 from sandbox import Sandbox
 
+from app.cli.train_demo import DEMO_MODELS
 from tests.servers import mlapi
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -85,7 +86,7 @@ def run_playbook(sandbox: Sandbox, playbook: str, extra_vars: dict | None = None
 
 def ensure_demo_models() -> Path:
     """The demo packages in models/, as `make models` makes them."""
-    if not (MODELS / "iris" / "1" / "manifest.json").exists():
+    if not all((MODELS / name / "1" / "manifest.json").exists() for name in DEMO_MODELS):
         mlapi("train-demo", "--models-dir", MODELS, check=True, stdin=subprocess.DEVNULL)
     return MODELS
 

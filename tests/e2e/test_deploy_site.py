@@ -81,6 +81,25 @@ def test_https_predict_answers(sandbox, host):
     assert response.headers["x-request-id"] == body["request_id"]
 
 
+CHURN_ROW = {"plan": "pro", "region": "eu", "seats": 12, "monthly_usage": 30.5, "annual": True}
+
+
+def test_https_serves_the_demo_model_with_string_features_on_v1_and_v2(sandbox, host):
+    """make models ships churn with the other demo packages; the host scores it like the laptop does."""
+    v2_body = {"inputs": [
+        {"name": n, "shape": [1, 1], "datatype": {str: "BYTES", int: "INT64", float: "FP64", bool: "BOOL"}[type(v)],
+         "data": [v]} for n, v in CHURN_ROW.items()]}
+    with https(sandbox) as client:
+        v1 = client.post("/v1/models/churn/predict", json={"features": CHURN_ROW})
+        v2 = client.post("/v2/models/churn/infer", json=v2_body)
+        refused = client.post("/v1/models/churn/predict", json={"features": {**CHURN_ROW, "plan": "platinum"}})
+    assert v1.status_code == 200, v1.text
+    assert v2.status_code == 200, v2.text
+    assert v2.json()["outputs"][0]["data"] == [v1.json()["prediction"]]
+    assert refused.status_code == 422
+    assert "known: ['basic', 'pro', 'team']" in refused.json()["error"]["details"][0]["msg"]
+
+
 def test_certificate_is_issued_by_pebble_for_the_domain(sandbox, host):
     context = ssl.create_default_context(cafile=str(sandbox.ca))
     with socket.create_connection((sandbox.ip, 443), timeout=10) as raw, \

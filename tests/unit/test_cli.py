@@ -132,8 +132,8 @@ def test_verify_refuses_a_bad_option_naming_it(demo_models: Path, capsys, args: 
 
 
 def test_train_demo_makes_every_demo_package(demo_models: Path):
-    assert sorted(p.name for p in demo_models.iterdir()) == ["diabetes", "iris", "iris-logreg"]
-    for name in ("iris", "iris-logreg", "diabetes"):
+    assert sorted(p.name for p in demo_models.iterdir()) == ["churn", "diabetes", "iris", "iris-logreg"]
+    for name in ("iris", "iris-logreg", "diabetes", "churn"):
         load_package(demo_models / name / "1")
 
 

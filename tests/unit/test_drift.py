@@ -132,3 +132,40 @@ def test_the_reference_a_package_records_passes_the_gates_check(rng: np.random.G
     names = ["spread", "two values", "constant"]
     sample = np.column_stack([rng.normal(size=200), np.repeat([1.0, 2.0], 100), np.full(200, 3.0)])
     check_reference(reference_statistics(sample, names), names)
+
+
+COLOURS = Feature("colour", "string", ("blue", "green", "red"), allow_unknown=True)
+
+
+def _colour_manifest(codes: np.ndarray) -> Manifest:
+    return Manifest(
+        name="m", version="1", created="2026-01-01T00:00:00Z", task="regressor", features=[COLOURS],
+        classes=None, versions={}, files={}, metrics={},
+        reference=reference_statistics(codes.reshape(-1, 1), [COLOURS]), onnx={"kept": False},
+    )
+
+
+def test_a_string_feature_is_scored_over_its_category_shares(rng: np.random.Generator):
+    sample = rng.choice([0.0, 1.0, 2.0], size=3000, p=[0.6, 0.3, 0.1])
+    manifest = _colour_manifest(sample)
+    assert manifest.reference["colour"]["proportions"] == pytest.approx([0.6, 0.3, 0.1], abs=0.03)
+    same = DriftMonitor(manifest, window=1000, min_samples=100)
+    same.observe(rng.choice([0.0, 1.0, 2.0], size=(1000, 1), p=[0.6, 0.3, 0.1]))
+    shifted = DriftMonitor(manifest, window=1000, min_samples=100)
+    shifted.observe(rng.choice([0.0, 1.0, 2.0], size=(1000, 1), p=[0.1, 0.3, 0.6]))
+    assert same.scores()["colour"] < 0.1 < 0.2 < shifted.scores()["colour"]
+    assert same.status()["unseen_categories"] == {"colour": 0.0}
+
+
+def test_unseen_categories_are_a_bin_of_their_own_and_their_share_is_reported(rng: np.random.Generator):
+    monitor = DriftMonitor(_colour_manifest(rng.choice([0.0, 1.0, 2.0], size=1000)), window=1000, min_samples=100)
+    monitor.observe(np.concatenate([np.full((250, 1), -1.0), rng.choice([0.0, 1.0, 2.0], size=(750, 1))]))
+    assert monitor.unseen() == {"colour": 0.25}
+    assert monitor.scores()["colour"] > 0.2
+
+
+def test_a_string_features_reference_must_hold_its_categories(rng: np.random.Generator):
+    reference = reference_statistics(rng.choice([0.0, 1.0, 2.0], size=(100, 1)), [COLOURS])
+    del reference["colour"]["categories"]
+    with pytest.raises(ValueError, match="reference.colour.categories"):
+        check_reference(reference, [COLOURS])

@@ -58,7 +58,7 @@ def test_sample_zero_writes_nothing(make_client, demo_models, tmp_path):
 
 def test_sample_zero_returns_before_reading_the_request(tmp_path):
     prediction_log = PredictionLog(Settings(prediction_log_path=str(tmp_path / "p.jsonl")))
-    prediction_log.write(Untouchable(), Untouchable(), Untouchable())  # type: ignore[arg-type]
+    prediction_log.write(Untouchable(), Untouchable())  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(

@@ -73,9 +73,9 @@ def test_the_openapi_schema_shows_the_real_feature_names(odd_client):
 @pytest.mark.parametrize(
     ("features", "loc", "msg"),
     [
-        ({**ODD_ROW, "feature_0": 1.0}, "feature_0", "unknown field 'feature_0'"),
-        ({k: v for k, v in ODD_ROW.items() if k != "model_config"}, "model_config", "Field required"),
-        ({**ODD_ROW, "sepal width": "3.5"}, "sepal width", "Input should be a valid number"),
+        ({**ODD_ROW, "feature_0": 1.0}, "feature_0", "is not a feature of this model"),
+        ({k: v for k, v in ODD_ROW.items() if k != "model_config"}, "model_config", "feature is missing"),
+        ({**ODD_ROW, "sepal width": "3.5"}, "sepal width", "must be a number, got the string '3.5'"),
     ],
     ids=["an internal field name", "a missing feature", "a string value"],
 )

@@ -154,7 +154,7 @@ def test_unknown_output_is_400_naming_the_outputs(client):
         ([tensor(ROW, [2, 4])], "needs 8 values"),
         ([tensor(["a", "b", "c", "d"], [1, 4])], "must be numbers"),
         ([tensor([float("nan"), 1, 1, 1], [1, 4])], "finite"),
-        ([tensor([1e20, 1, 1, 1], [1, 4])], "within"),
+        ([tensor([1e20, 1, 1, 1], [1, 4])], "feature 'sepal_length': 1e+20 is beyond the accepted magnitude"),
         ([tensor([1.0], [1], name="sepal_length")], "missing"),
     ],
     ids=["shape", "count", "strings", "nan", "huge", "missing-feature"],
