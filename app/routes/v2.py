@@ -237,7 +237,13 @@ def decode(body: InferenceRequest, model: LoadedModel, max_abs: float, max_rows:
     try:
         if single is not None:
             t = tensors[0]
-            if not schema.numeric or t.datatype in ("BYTES", "BOOL"):
+            if schema.numeric and t.datatype in ("BYTES", "BOOL"):
+                # The model takes numbers only: the datatype is the mistake, not the tensor's layout.
+                raise _bad(
+                    f"input {t.name!r} must be numbers (FP64, FP32 or an integer datatype), not {t.datatype}: "
+                    f"this model's features {list(names)} are all numbers"
+                )
+            if not schema.numeric:
                 raise _bad(
                     f"input {t.name!r}: one [n, {k}] tensor takes numbers only; this model takes "
                     f"{[f'{f.name} ({f.type})' for f in schema.features]}: send one input per feature, named after it"

@@ -129,8 +129,10 @@ def test_workers_stop_and_free_the_port_when_their_master_is_killed(demo_models)
     # Else the master that systemd starts after a kill -9 cannot bind the port the orphans still hold.
     env = {"MLAPI_MODELS_DIR": str(demo_models), "MLAPI_DEFAULT_MODEL": "iris"}
     with gunicorn(env, workers=2) as server:
-        workers = [int(pid) for pid in Path(f"/proc/{server.pid}/task/{server.pid}/children").read_text().split()]
-        assert len(workers) == 2, workers
+        children = Path(f"/proc/{server.pid}/task/{server.pid}/children")
+        # Ready means one worker answers; the second may still be forking on a busy machine.
+        wait_for(lambda: len(children.read_text().split()) == 2, 60, what="both workers")
+        workers = [int(pid) for pid in children.read_text().split()]
         server.signal(signal.SIGKILL)
         server.proc.wait(10)
         try:
