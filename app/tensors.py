@@ -15,6 +15,7 @@ What real clients send and expect besides plain JSON (tritonclient, the KServe S
 
 from __future__ import annotations
 
+import re
 import struct
 import zlib
 from typing import Any
@@ -43,11 +44,13 @@ class BodyTooLargeAfterDecompression(APIError):
 
 def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
     """The body as sent before ``Content-Encoding``; at most ``limit`` bytes are ever unpacked."""
-    codings = [c.strip().lower() for c in (encoding or "").split(",") if c.strip()]
-    # Codings are listed in the order they were applied: undo them from the last.
-    for coding in reversed(codings):
-        if coding == "identity":
-            continue
+    codings = [c.strip().lower() for c in (encoding or "").split(",") if c.strip() and c.strip().lower() != "identity"]
+    # One coding at most: each layer may unpack up to the limit, so a stack of them would cost a worker
+    # many times the body limit in CPU before the API key or the rate limit is even looked at.
+    if len(codings) > 1:
+        raise APIError(415, f"Content-Encoding {encoding!r} stacks {len(codings)} codings; send the body with one, "
+                            "gzip or deflate")
+    for coding in codings:
         if coding in ("gzip", "x-gzip"):
             body = _inflate(body, zlib.MAX_WBITS | 16, limit, coding)
         elif coding == "deflate":
@@ -82,7 +85,7 @@ def split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
     """(JSON header, binary tensor data) of a request body."""
     if header_length is None:
         return body, b""
-    if not header_length.strip().isdigit():
+    if not re.fullmatch(r"[0-9]+", header_length.strip()):
         raise APIError(400, f"Inference-Header-Content-Length must be a byte count, got {header_length!r}")
     n = int(header_length)
     if n > len(body):

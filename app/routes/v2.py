@@ -15,6 +15,7 @@ the classification extension's top classes. Errors are ``{"error": "..."}`` as
 the protocol asks.
 """
 
+import collections
 import functools
 import math
 from collections.abc import Callable, Coroutine
@@ -166,6 +167,11 @@ def _declared_rows(tensors: list[RequestInput], names: list[str]) -> int:
         if shape[1] != k:
             raise _bad(f"input {t.name!r}: expected shape [n, {k}] with features in the order {names}, got {t.shape}")
         return shape[0]
+    sent = collections.Counter(t.name for t in tensors)
+    twice = sorted(name for name, count in sent.items() if count > 1)
+    if twice:
+        # With two tensors of one name, which one is scored would be a guess.
+        raise _bad(f"inputs {twice} are sent more than once; send each input once")
     by_name = {t.name: t for t in tensors}
     unknown = sorted(set(by_name) - set(names))
     missing = [n for n in names if n not in by_name]
@@ -252,6 +258,11 @@ def decode(body: InferenceRequest, model: LoadedModel, max_abs: float, max_rows:
                 X = np.asarray(t.data, dtype=np.float64).reshape(rows, k)
             except OverflowError:  # an integer literal beyond float64 (JSON allows any length)
                 raise _bad("input data must lie within the range of a 64-bit float") from None
+            except ValueError:  # ragged nesting: numpy cannot make one array of it
+                raise _bad(
+                    f"input {t.name!r}: data must be a flat list of {rows * k} numbers, or lists nested as shape "
+                    f"{t.shape}"
+                ) from None
             return schema.matrix(X, max_abs)
         by_name = {t.name: t for t in tensors}
         return schema.columns([_flat(by_name[n].data) for n in names], max_abs)

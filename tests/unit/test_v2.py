@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import gzip
 import json
 import struct
@@ -9,6 +10,9 @@ import zlib
 
 import numpy as np
 import pytest
+
+from app import tensors
+from app.errors import APIError
 
 ROW = [5.1, 3.5, 1.4, 0.2]
 FEATURES = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
@@ -303,6 +307,44 @@ def test_unreadable_encodings_are_named(client, coding, status, words):
     r = client.post("/v2/models/iris/infer", content=b"not compressed", headers={"content-encoding": coding})
     assert r.status_code == status
     assert words in r.json()["error"]
+
+
+def test_stacked_encodings_are_refused_before_any_is_undone(client):
+    """Each layer may unpack up to the body limit: a stack of them would cost a worker that many times over."""
+    raw = json.dumps({"inputs": [tensor(ROW, [1, 4])]}).encode()
+    r = client.post("/v2/models/iris/infer", content=gzip.compress(gzip.compress(raw)),
+                    headers={"content-encoding": "gzip, gzip"})
+    assert r.status_code == 415
+    assert "stacks 2 codings" in r.json()["error"]
+    r = client.post("/v2/models/iris/infer", content=gzip.compress(raw), headers={"content-encoding": "identity, gzip"})
+    assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("length", ["\u00b2", "-4", "4.0", "0x10"])
+def test_a_header_length_that_is_not_a_byte_count_is_a_400(length):
+    with pytest.raises(APIError) as refused:
+        tensors.split_body(b'{"inputs": []}', length)
+    assert refused.value.status == 400
+    assert "must be a byte count" in str(refused.value)
+
+
+@pytest.mark.parametrize("data", [
+    [5.1, [3.5, 1.4], 0.2, 0.3],  # ragged
+    [functools.reduce(lambda inner, _: [inner], range(70), 1), 2, 3, 4],  # 70 levels deep
+])
+def test_ragged_or_deep_nesting_is_a_400_naming_the_shape(client, data):
+    r = client.post("/v2/models/iris/infer", json={"inputs": [{"name": "input-0", "shape": [1, 4], "datatype": "FP64",
+                                                               "data": data}]})
+    assert r.status_code == 400, r.text
+    assert "data must be a flat list of 4 numbers, or lists nested as shape [1, 4]" in r.json()["error"]
+
+
+def test_an_input_sent_twice_is_refused_not_guessed(client):
+    inputs = [tensor([value], [1], name=name) for name, value in zip(FEATURES, ROW, strict=True)]
+    inputs.append(tensor([7.7], [1], name="petal_length"))
+    r = client.post("/v2/models/iris/infer", json={"inputs": inputs})
+    assert r.status_code == 400
+    assert r.json()["error"] == "inputs ['petal_length'] are sent more than once; send each input once"
 
 
 # KServe's V1 protocol on /v1 ----------------------------------------------------------------------
