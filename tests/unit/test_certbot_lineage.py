@@ -58,15 +58,18 @@ def make_lineage(config: Path) -> None:
         + f"[renewalparams]\naccount = {ACCOUNT}\nserver = {SERVER}\n")
 
 
-def with_extra_member(backup: dict, info: tarfile.TarInfo, data: bytes = b"") -> dict:
-    """The backup with one more member in its archive."""
+def with_extra_member(backup: dict, info: tarfile.TarInfo, data: bytes = b"", first: bool = False) -> dict:
+    """The backup with one more member in its archive, after the others (or before them)."""
     source = tarfile.open(fileobj=io.BytesIO(base64.b64decode(backup["archive"])), mode="r:gz")
     out = io.BytesIO()
     with source, tarfile.open(fileobj=out, mode="w:gz") as tar:
+        info.size = len(data)
+        if first:
+            tar.addfile(info, io.BytesIO(data) if info.isfile() else None)
         for member in source.getmembers():
             tar.addfile(member, source.extractfile(member) if member.isfile() else None)
-        info.size = len(data)
-        tar.addfile(info, io.BytesIO(data) if info.isfile() else None)
+        if not first:
+            tar.addfile(info, io.BytesIO(data) if info.isfile() else None)
     return {**backup, "archive": base64.b64encode(out.getvalue()).decode()}
 
 
@@ -118,6 +121,17 @@ def test_an_archive_that_writes_outside_the_lineage_is_refused_before_anything_i
     with pytest.raises(lineage.Refused, match=refusal):
         restore(tmp_path, with_extra_member(backup, member, b"#!/bin/sh\n"))
     assert not (tmp_path / "le").exists()
+
+
+def test_a_name_twice_is_refused_though_its_last_member_passes(tmp_path: Path, backup: dict) -> None:
+    """An escaping symlink first, the lineage's own file of the same name after it: a check of the last member
+    alone passes, and the extraction would write through the symlink."""
+    outside = tmp_path / "outside.pem"  # a file of the test's own: nothing else may be written if this fails
+    evil = with_extra_member(backup, symlink(f"archive/{NAME}/cert1.pem", str(outside)), first=True)
+    with pytest.raises(lineage.Refused, match="more than once"):
+        restore(tmp_path, evil)
+    assert not (tmp_path / "le").exists()
+    assert not outside.exists()
 
 
 def test_a_certificate_for_other_names_is_refused(tmp_path: Path, backup: dict) -> None:

@@ -165,7 +165,12 @@ def check_backup_is_for(backup: dict, cert_name: str, domains: list[str], server
 def check_archive(tar: tarfile.TarFile, config_dir: str, cert_name: str, domains: list[str], server: str,
                   where: str) -> None:
     archive_dir, live_dir, renewal = lineage_paths(cert_name)
-    members = {m.name: m for m in tar.getmembers()}
+    listed = tar.getmembers()
+    members = {m.name: m for m in listed}
+    if len(members) != len(listed):
+        # A name twice: the check below would see only the last member, the extraction writes both.
+        twice = sorted({m.name for m in listed if sum(1 for o in listed if o.name == m.name) > 1})
+        raise Refused(f"{where} holds {twice} more than once: it is refused; move the file away")
     for name, member in members.items():
         parts = name.split("/")
         inside = (parts[0] == "accounts" or name == renewal or name in (archive_dir, live_dir)
@@ -180,8 +185,8 @@ def check_archive(tar: tarfile.TarFile, config_dir: str, cert_name: str, domains
                                    and ".." not in member.linkname.split("/")[3:]):
             raise Refused(f"{where} holds the symlink {name!r} -> {member.linkname!r}, which does not point into "
                           f"{archive_dir}/: it is refused")
-    if renewal not in members:
-        raise Refused(f"{where} has no {renewal}: certbot could not renew it; move the file away")
+    if renewal not in members or not members[renewal].isfile():
+        raise Refused(f"{where} has no file {renewal}: certbot could not renew it; move the file away")
     conf = read_renewal_conf(tar.extractfile(members[renewal]).read().decode("utf-8"))
     expected = {"archive_dir": os.path.join(config_dir, archive_dir),
                 **{name[:-4]: os.path.join(config_dir, live_dir, name) for name in LIVE_FILES}}
