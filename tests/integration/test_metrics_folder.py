@@ -37,7 +37,7 @@ class Run:
     recycles: int = 0
     final: str = ""
     files: list[str] = field(default_factory=list)
-    file_counts: tuple[int, int] = (0, 0)  # the folder's size just before and just after the final render
+    file_counts: tuple[int, int] = (0, 0)  # the folder's smallest and largest size during the final render
 
 
 def _counted(text: str, route: str) -> float:
@@ -104,11 +104,27 @@ def recycled(demo_models) -> Run:
             for thread in threads:
                 thread.join(60)
         run.recycles = server.output().count(RECYCLED)
-        # The final render is a request too, and may itself retire a worker: list the folder on both sides of it.
-        before = sorted(os.listdir(server.metrics_dir))
-        run.final = httpx.get(server.url + "/metrics", timeout=30).text
+        # The final render is a request too, and may land on a fresh worker whose files do not exist yet while the
+        # master folds the files of the one it replaced: the folder's size moves during the render. It is listed
+        # without pause while the render runs, and the smallest and largest sizes seen bound the gauge.
+        seen: list[int] = [len(os.listdir(server.metrics_dir))]
+        rendering = threading.Event()
+        rendering.set()
+
+        def watch() -> None:
+            while rendering.is_set():
+                seen.append(len(os.listdir(server.metrics_dir)))
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        try:
+            run.final = httpx.get(server.url + "/metrics", timeout=30).text
+        finally:
+            rendering.clear()
+            watcher.join(10)
         run.files = sorted(os.listdir(server.metrics_dir))
-        run.file_counts = (len(before), len(run.files))
+        seen.append(len(run.files))
+        run.file_counts = (min(seen), max(seen))
     assert run.recycles >= RECYCLES, f"only {run.recycles} recycles in {run.predictions} predictions"
     assert run.transport_errors == [], run.transport_errors[:5]
     return run
