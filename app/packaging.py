@@ -371,8 +371,23 @@ def _verified_files(path: Path, manifest: Manifest) -> dict[str, bytes]:
     return contents
 
 
+def _minor(version: str) -> str:
+    return ".".join(version.split(".")[:2])
+
+
 def _check_versions(path: Path, manifest: Manifest) -> None:
     runtime = runtime_versions()
+    # Pickles are only as portable as the interpreter that wrote them: the same feature release (3.12.x)
+    # is required, as the scikit-learn and numpy releases are.
+    built_python = manifest.versions.get("python", "")
+    if built_python and _minor(built_python) != _minor(runtime["python"]):
+        raise PackageError(
+            path,
+            "versions",
+            f"it was built with Python {built_python} but this runtime has Python {runtime['python']}",
+            f"rebuild the package with Python {_minor(runtime['python'])} (the host's interpreter), "
+            f"or run the service with Python {_minor(built_python)} (app_python)",
+        )
     for key, label in (("sklearn", "scikit-learn"), ("numpy", "numpy")):
         built, running = manifest.versions[key], runtime[key]
         if built != running:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import platform
 import pickle
 import shutil
 import subprocess
@@ -303,6 +304,25 @@ def test_another_library_version_is_refused_with_both_versions_named(package: Pa
     message = str(_refused(package, "versions"))
     assert f"{label} 1.0.0" in message and f"{label} {running}" in message
     assert f"rebuild the package with {label} {running} or install {label} 1.0.0" in message
+
+
+def test_a_package_from_another_python_feature_release_is_refused_with_both_versions_named(package: Path):
+    major, minor, _ = platform.python_version_tuple()
+    other = f"{major}.{int(minor) + 1}.0"
+    data = _manifest(package)
+    data["versions"]["python"] = other
+    _write_manifest(package, data)
+    message = str(_refused(package, "versions"))
+    assert f"built with Python {other} but this runtime has Python {platform.python_version()}" in message
+    assert f"rebuild the package with Python {major}.{minor}" in message
+
+
+def test_a_package_from_another_python_patch_release_loads(package: Path):
+    major, minor, patch = platform.python_version_tuple()
+    data = _manifest(package)
+    data["versions"]["python"] = f"{major}.{minor}.{int(patch) + 1}"
+    _write_manifest(package, data)
+    assert load_package(package).manifest.versions["python"] == f"{major}.{minor}.{int(patch) + 1}"
 
 
 def test_a_pickle_from_another_scikit_learn_is_refused_not_just_warned(package: Path):
