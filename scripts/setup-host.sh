@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the kit needs on a Debian 12 / Ubuntu 22.04+ controller (run as root):
-# the system packages used by the tests and the sandbox, and the Python venv.
+# the system packages used by the tests and the sandbox, and the Python venv (Python 3.12,
+# that of the default sandbox OS, Ubuntu 24.04: see HOST_PYTHON in the Makefile).
 #   scripts/setup-host.sh                    everything `make test` needs
 #   scripts/setup-host.sh --without-sandbox  only what `make test-fast` needs (no sandbox hosts, no TLS
 #                                            scanner, no load generator): a CI runner of unit and
@@ -26,7 +27,8 @@ packages=(
 )
 if [ "$with_sandbox" = 1 ]; then
   packages+=(
-    systemd-container debootstrap          # sandbox hosts: systemd-nspawn over a debootstrapped Debian 12
+    systemd-container debootstrap          # sandbox hosts: systemd-nspawn over debootstrapped Ubuntu and Debian
+    gnupg debian-archive-keyring           # checks Ubuntu's archive keyring against pinned fingerprints
     pebble tinyproxy iproute2 openssh-client  # local ACME CA, sandbox egress, namespaces
     wrk                                    # load generator for benchmarks
     testssl.sh libengine-gost-openssl     # TLS scanner of the e2e suite (it warns without the GOST engine)

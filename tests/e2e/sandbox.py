@@ -14,7 +14,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "sandbox" / "sandbox"
-STATE_DIR = ROOT / ".sandbox"
+STATE_DIR = Path(os.environ.get("MLAPI_SANDBOX_STATE", ROOT / ".sandbox")).absolute()
 ENV_FILE = STATE_DIR / "env"
 # Prefix of the machine-wide names (namespaces, hosts), as scripts/sandbox/sandbox reads it.
 PREFIX = os.environ.get("MLAPI_SANDBOX_NAME", "mlapi")
@@ -139,6 +139,16 @@ class Sandbox:
         return Path(self.env["SANDBOX_ACME_TLS_CA"])
 
     @property
+    def os_name(self) -> str:
+        """The hosts' OS, e.g. ubuntu-24.04."""
+        return self.env["SANDBOX_OS"]
+
+    @property
+    def user(self) -> str:
+        """The cloud image's login user (ubuntu, admin), whom Ansible connects as."""
+        return self.env["SANDBOX_USER"]
+
+    @property
     def ssh_key(self) -> Path:
         return Path(self.env["SANDBOX_SSH_KEY"])
 
@@ -164,8 +174,8 @@ class Sandbox:
                 return candidate
         raise KeyError(f"no sandbox host {host!r}; hosts: {[h.name for h in self.hosts]}")
 
-    def ssh_command(self, host: str | SandboxHost, command: str) -> list[str]:
-        return ["ssh", "-i", str(self.ssh_key), "-p", str(self.ssh_port), *SSH_OPTIONS, f"root@{self.host(host).ip}",
+    def ssh_command(self, host: str | SandboxHost, command: str, user: str = "root") -> list[str]:
+        return ["ssh", "-i", str(self.ssh_key), "-p", str(self.ssh_port), *SSH_OPTIONS, f"{user}@{self.host(host).ip}",
                 command]
 
     def ssh(self, host: str | SandboxHost, command: str, *, check: bool = False, input: str | None = None,

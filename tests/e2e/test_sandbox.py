@@ -100,3 +100,34 @@ def test_env_file_and_inventory_point_at_existing_controller_files(sandbox: Sand
     assert host_vars["private_ip"] == sandbox.env["SANDBOX_INTERNAL_IP"]
     assert host_vars["sandbox_domain"] == sandbox.domain
     assert "sandbox_acme_directory" in inventory
+
+
+def test_the_host_runs_its_os_with_the_cloud_images_login_user_and_sudo_rule(sandbox: Sandbox) -> None:
+    release = sandbox.ssh(FIRST_HOST, ". /etc/os-release && echo $ID-$VERSION_ID", check=True).stdout.strip()
+    assert release == sandbox.os_name
+    as_user = subprocess.run(sandbox.ssh_command(FIRST_HOST, "id -un && sudo -n id -u", user=sandbox.user),
+                             capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert as_user.stdout.split() == [sandbox.user, "0"], as_user.stderr
+    sudoers = sandbox.ssh(FIRST_HOST, "stat -c %a /etc/sudoers.d/90-cloud-init-users && "
+                          "cat /etc/sudoers.d/90-cloud-init-users", check=True).stdout
+    assert sudoers.startswith("440\n") and f"{sandbox.user} ALL=(ALL) NOPASSWD:ALL" in sudoers
+    # The packages of the cloud image that change how apt runs behave.
+    expected = ["needrestart", "unattended-upgrades", "ufw"] if sandbox.os_name.startswith("ubuntu") \
+        else ["unattended-upgrades"]
+    installed = sandbox.ssh(FIRST_HOST, f"dpkg-query -W -f '${{Package}} ${{db:Status-Abbrev}}\\n' {' '.join(expected)}")
+    assert sorted(line.split()[0] for line in installed.stdout.splitlines() if line.split()[1:] == ["ii"]) == expected
+
+
+def test_the_inventory_connects_as_the_login_user_and_becomes_root(sandbox: Sandbox) -> None:
+    ansible = subprocess.run(
+        [str(ROOT / ".venv/bin/ansible"), "-i", str(sandbox.inventory), FIRST_HOST, "-m", "ansible.builtin.command",
+         "-a", "id -u"],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "ANSIBLE_NOCOLOR": "1",
+                                                          "ANSIBLE_HOST_KEY_CHECKING": "0"},
+        stdin=subprocess.DEVNULL,
+    )
+    assert ansible.returncode == 0 and ansible.stdout.strip().endswith("0"), ansible.stdout + ansible.stderr
+    host_vars = json.loads(subprocess.run(
+        [str(ROOT / ".venv/bin/ansible-inventory"), "-i", str(sandbox.inventory), "--host", FIRST_HOST],
+        capture_output=True, text=True, check=True).stdout)
+    assert (host_vars["ansible_user"], host_vars["ansible_become"]) == (sandbox.user, True)
