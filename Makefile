@@ -1,6 +1,9 @@
 # One name for every command. `make help` lists them.
-# The kit is tested with Python 3.11; where no python3.11 is installed (Ubuntu 24.04), the system python3 is used.
-PYTHON ?= $(shell command -v python3.11 || command -v python3)
+# Model packages are built with the Python feature release of the hosts that serve them (the service's
+# check refuses another one): the venv uses Ubuntu 24.04's, 3.12. For other hosts, e.g. Debian 12's 3.11:
+# make venv PYTHON=python3.11 HOST_PYTHON=3.11 (docs/support.md lists each OS's Python).
+HOST_PYTHON ?= 3.12
+PYTHON ?= $(firstword $(foreach p,python$(HOST_PYTHON) $(wildcard $(HOME)/.pyenv/versions/$(HOST_PYTHON).*/bin/python$(HOST_PYTHON)) /usr/bin/python$(HOST_PYTHON),$(shell $(p) -c 'print("$(p)")' 2>/dev/null)))
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 MODELS ?= models
@@ -8,7 +11,7 @@ export MLAPI_MODELS_DIR ?= $(MODELS)
 export MLAPI_DEFAULT_MODEL ?= iris
 
 .DEFAULT_GOAL := help
-.PHONY: help setup venv models serve test test-fast config-reference demo demo-cluster down bench bench-quick
+.PHONY: help setup venv venv-python models serve test test-fast config-reference demo demo-cluster down bench bench-quick
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -16,11 +19,16 @@ help: ## list the targets
 setup: ## install system packages (as root) and the venv
 	scripts/setup-host.sh
 
-venv: $(BIN)/.installed ## create the venv with every Python dependency and the mlapi command
+venv: venv-python $(BIN)/.installed ## create the venv with every Python dependency and the mlapi command
+
+venv-python:
+	@test -x $(BIN)/python || exit 0; $(BIN)/python -c 'import sys; sys.exit(sys.version.startswith("$(HOST_PYTHON)."))' || exit 0; \
+		echo "make venv: $(VENV) has Python $$($(BIN)/python -c 'import platform; print(platform.python_version())'), not $(HOST_PYTHON): packages built with it are refused on the hosts; rm -rf $(VENV) and run make venv again (or set HOST_PYTHON)" >&2; exit 1
 
 # The project itself (the mlapi command) goes in last, editable and without dependencies: the pins of the
 # requirements are the versions, and a change to app/ needs no reinstall.
 $(BIN)/.installed: requirements.txt requirements-dev.txt pyproject.toml $(wildcard tests/client_envs/*.txt)
+	@test -x $(BIN)/python || test -n "$(PYTHON)" || { echo "make venv: no Python $(HOST_PYTHON) found; install python$(HOST_PYTHON) (with venv) or name one: make venv PYTHON=/path/to/python$(HOST_PYTHON)" >&2; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -r requirements-dev.txt
@@ -28,9 +36,9 @@ $(BIN)/.installed: requirements.txt requirements-dev.txt pyproject.toml $(wildca
 	$(BIN)/python -m tests.client_envs
 	touch $@
 
-models: venv ## train and package the demo models unless they exist
-	@for m in iris iris-logreg diabetes churn; do test -f $(MODELS)/$$m/1/manifest.json || exit 1; done \
-		|| $(BIN)/mlapi train-demo --models-dir $(MODELS)
+models: venv ## train and package the demo models unless they exist and pass the check in this venv
+	@(for m in iris iris-logreg diabetes churn; do $(BIN)/mlapi verify $(MODELS)/$$m/1 >/dev/null 2>&1 || exit 1; done) \
+		|| $(BIN)/mlapi train-demo --force --models-dir $(MODELS)
 
 serve: models ## run the service under gunicorn on 127.0.0.1:8000 (Ctrl-C stops it)
 	$(BIN)/mlapi serve --workers $${MLAPI_WORKERS:-2}
