@@ -119,7 +119,7 @@ def test_nothing_but_the_encrypted_backup_is_left_in_the_backup_folder(sandbox: 
     assert oct(folder.stat().st_mode & 0o777) == "0o700"
 
 
-def test_an_acme_profile_on_debians_certbot_is_refused_naming_the_version(sandbox: Sandbox) -> None:
+def test_an_acme_profile_on_a_certbot_before_4_is_refused_naming_the_version(sandbox: Sandbox) -> None:
     require_provisioned(sandbox)
     lb = sandbox.host(sandbox.ip)
     installed = sandbox.ssh(lb, "certbot --version", check=True).stdout.split()[-1]
