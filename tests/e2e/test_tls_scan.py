@@ -132,20 +132,26 @@ def testssl_findings(sandbox, tmp_path_factory) -> list[dict]:
         shim.write_text(f'#!/bin/sh\ncase "$*" in -h|--help|-v|-V|--version) exec {real} "$@";; esac\n'
                         f'echo "{program} $*" >> {calls}\nexit 1\n')
         shim.chmod(0o755)
-    report = work / "findings.json"
-    command = ["testssl", "--quiet", "--color", "0", "--warnings", "off", "--nodns", "none", "--ip", sandbox.ip,
-               "--add-ca", str(sandbox.ca), "--connect-timeout", "10", "--openssl-timeout", "10",
-               "--jsonfile", str(report), *TESTSSL_CHECKS, f"https://{sandbox.domain}:443"]
     env = {**os.environ, "PATH": f"{shims}:{os.environ['PATH']}"}
-    result = subprocess.run(command, cwd=work, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                            timeout=TESTSSL_TIMEOUT)
     LOG_DIR.mkdir(parents=True, exist_ok=True)
-    (LOG_DIR / "testssl.log").write_text(result.stdout + result.stderr)
-    assert report.exists(), f"testssl.sh wrote no findings (exit {result.returncode}):\n{result.stdout[-3000:]}"
-    shutil.copy2(report, LOG_DIR / "testssl.json")
+    # A check that could not connect in time ("connect problem", seen on a loaded 2-core machine) is no
+    # verdict on the server: the scan runs once more, and its findings are the ones judged.
+    for attempt in (1, 2):
+        report = work / f"findings-{attempt}.json"
+        command = ["testssl", "--quiet", "--color", "0", "--warnings", "off", "--nodns", "none", "--ip", sandbox.ip,
+                   "--add-ca", str(sandbox.ca), "--connect-timeout", "10", "--openssl-timeout", "10",
+                   "--jsonfile", str(report), *TESTSSL_CHECKS, f"https://{sandbox.domain}:443"]
+        result = subprocess.run(command, cwd=work, env=env, stdin=subprocess.DEVNULL, capture_output=True,
+                                text=True, timeout=TESTSSL_TIMEOUT)
+        (LOG_DIR / "testssl.log").write_text(result.stdout + result.stderr)
+        assert report.exists(), f"testssl.sh wrote no findings (exit {result.returncode}):\n{result.stdout[-3000:]}"
+        shutil.copy2(report, LOG_DIR / "testssl.json")
+        findings = json.loads(report.read_text())
+        if not any("connect problem" in f["finding"] for f in findings):
+            break
     lookups = calls.read_text() if calls.exists() else ""
     assert not lookups, f"testssl.sh tried to reach something other than the sandbox:\n{lookups}"
-    return json.loads(report.read_text())
+    return findings
 
 
 def excused(finding: dict, testssl_findings: list[dict], sslyze_scan) -> bool:
