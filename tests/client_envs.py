@@ -29,11 +29,40 @@ def _base_python() -> str:
     return getattr(sys, "_base_executable", None) or sys.executable
 
 
-def client_python(name: str) -> Path:
+def _requirements_bytes(requirements: Path) -> bytes:
+    """The file and every file it includes with -r, so that a change to any of them rebuilds the venv."""
+    data = requirements.read_bytes()
+    for line in data.decode().splitlines():
+        if line.startswith("-r "):
+            data += _requirements_bytes((requirements.parent / line[3:].strip()).resolve())
+    return data
+
+
+def find_python(minor: str) -> str:
+    """An interpreter of Python ``minor`` (e.g. "3.11"): on PATH, under pyenv, or the system's."""
+    candidates = [shutil.which(f"python{minor}") or "", f"/usr/bin/python{minor}"]
+    pyenv = Path(os.environ.get("PYENV_ROOT") or Path.home() / ".pyenv") / "versions"
+    candidates += sorted(str(p) for p in pyenv.glob(f"{minor}.*/bin/python{minor}"))
+    for candidate in (c for c in candidates if c and os.access(c, os.X_OK)):
+        probe = subprocess.run([candidate, "-c", "import sys, venv; print(sys.version_info[:2])"],
+                               capture_output=True, text=True, check=False)
+        if probe.returncode == 0 and probe.stdout.strip() == str(tuple(int(p) for p in minor.split("."))):
+            return candidate
+    raise RuntimeError(f"no Python {minor} with venv found (looked on PATH, in {pyenv} and /usr/bin): "
+                       f"install python{minor} and python{minor}-venv, or a pyenv {minor}")
+
+
+def packager_python(minor: str) -> Path:
+    """A venv of Python ``minor`` that builds model packages as the service's own venv would."""
+    return client_python(f"packager-{minor}", requirements=REQUIREMENTS / "packager.txt", base=find_python(minor))
+
+
+def client_python(name: str, requirements: Path | None = None, base: str | None = None) -> Path:
     """The python of the client venv ``name``, built first if missing or out of date."""
-    requirements = REQUIREMENTS / f"{name}.txt"
-    base = _base_python()
-    digest = hashlib.sha256(requirements.read_bytes() + f"\0{base}\0{sys.version}".encode()).hexdigest()[:16]
+    requirements = requirements or REQUIREMENTS / f"{name}.txt"
+    base = base or _base_python()
+    version = sys.version if base == _base_python() else base
+    digest = hashlib.sha256(_requirements_bytes(requirements) + f"\0{base}\0{version}".encode()).hexdigest()[:16]
     target = CACHE / f"{name}-{digest}"
     python = target / "bin" / "python"
     marker = target / ".installed"

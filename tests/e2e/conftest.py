@@ -1,4 +1,4 @@
-"""End-to-end fixtures: real Debian 12 hosts under systemd-nspawn (scripts/sandbox/sandbox)."""
+"""End-to-end fixtures: real Ubuntu 24.04 hosts under systemd-nspawn (scripts/sandbox/sandbox)."""
 
 from __future__ import annotations
 
@@ -11,15 +11,17 @@ from sandbox import Sandbox
 # Tests that bring up and tear down a sandbox of their own run before any test uses the shared one,
 # so they never take away hosts that a provisioned fixture still relies on; the cluster tests replace the
 # shared single host with three hosts, so they run after every other test. The rebuild tests throw the
-# shared host's disk away (and provision it again), so they come after the other single-host tests.
+# shared host's disk away (and provision it again), so they come after the other single-host tests. The OS
+# matrix has sandboxes of its own and comes last, so that its hosts never share the machine with a load test.
 LIFECYCLE_TESTS = ("tests/e2e/test_sandbox_lifecycle.py::",)
 REBUILD_TESTS = ("tests/e2e/test_deploy_tls_rebuild.py::",)
 CLUSTER_TESTS = ("tests/e2e/test_cluster.py::",)
+MATRIX_TESTS = ("tests/e2e/test_os_matrix.py::",)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    items.sort(key=lambda item: (not item.nodeid.startswith(LIFECYCLE_TESTS), item.nodeid.startswith(CLUSTER_TESTS),
-                                 item.nodeid.startswith(REBUILD_TESTS)))
+    items.sort(key=lambda item: (not item.nodeid.startswith(LIFECYCLE_TESTS), item.nodeid.startswith(MATRIX_TESTS),
+                                 item.nodeid.startswith(CLUSTER_TESTS), item.nodeid.startswith(REBUILD_TESTS)))
 
 
 @pytest.fixture(scope="session")

@@ -150,14 +150,18 @@ def wait_until_every_instance_serves(sandbox: Sandbox, instances: int = 2, timeo
     raise AssertionError(f"NGINX did not use all {instances} instances within {timeout}s (upstreams seen: {seen})")
 
 
-def forced_renewal_command(domain: str) -> str:
-    """`certbot renew --force-renewal` for the domain as certbot.timer runs it: in a transient unit with the
-    environment files of certbot.service (the ACME CA bundle and proxy), read by systemd; the deploy hook
-    reloads NGINX."""
+def renewal_command(domain: str, *options: str) -> str:
+    """`certbot renew OPTIONS` for the domain as certbot.timer runs it: in a transient unit with the
+    environment files of certbot.service (the ACME CA bundle and proxy), read by systemd."""
     environment_files = ("$(systemctl show certbot.service -p EnvironmentFiles --value"
                          " | sed 's/ (ignore_errors=.*)$//; s/^/--property=EnvironmentFile=/')")
     return (f"systemd-run --wait --pipe --collect --quiet {environment_files} "
-            f"certbot renew --force-renewal --cert-name {domain} --no-random-sleep-on-renew")
+            f"certbot renew {' '.join(options)} --cert-name {domain} --no-random-sleep-on-renew")
+
+
+def forced_renewal_command(domain: str) -> str:
+    """A forced renewal (renewal_command); the deploy hook reloads NGINX."""
+    return renewal_command(domain, "--force-renewal")
 
 
 def release_copy(destination: Path, *, broken: bool = False) -> Path:

@@ -34,9 +34,11 @@ class SandboxCommandError(RuntimeError):
     """scripts/sandbox/sandbox failed; the message carries its output."""
 
 
-def run_script(*args: str, timeout: float = UP_TIMEOUT) -> subprocess.CompletedProcess:
+def run_script(*args: str, timeout: float = UP_TIMEOUT, settings: dict[str, str] | None = None
+               ) -> subprocess.CompletedProcess:
+    """scripts/sandbox/sandbox with args; settings are MLAPI_SANDBOX_* variables of a sandbox of its own."""
     result = subprocess.run([str(SCRIPT), *args], stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                            timeout=timeout)
+                            timeout=timeout, env={**os.environ, **(settings or {})})
     if result.returncode != 0:
         raise SandboxCommandError(
             f"sandbox {' '.join(args)} exited {result.returncode}:\n{result.stderr}{result.stdout}")
@@ -63,8 +65,9 @@ class SandboxHost:
 class Sandbox:
     """A running sandbox, as described by .sandbox/env."""
 
-    def __init__(self, env: dict[str, str]) -> None:
+    def __init__(self, env: dict[str, str], settings: dict[str, str] | None = None) -> None:
         self.env = env
+        self.settings = settings or {}
         self.hosts = [
             SandboxHost(name, ip, private_ip)
             for name, ip, private_ip in zip(
@@ -78,31 +81,35 @@ class Sandbox:
     # --- lifecycle -----------------------------------------------------------------------------------------
 
     @classmethod
-    def up(cls, hosts: int = 1) -> Sandbox:
-        """Bring up `hosts` hosts (1: one host in every group; 3: lb plus two app hosts), reusing a matching sandbox."""
-        run_script("up", "--hosts", str(hosts))
-        return cls(read_env())
+    def up(cls, hosts: int = 1, os_name: str | None = None, settings: dict[str, str] | None = None) -> Sandbox:
+        """Bring up `hosts` hosts (1: one host in every group; 3: lb plus two app hosts), reusing a matching sandbox.
+
+        os_name: the hosts' OS (the script's default otherwise); settings: the MLAPI_SANDBOX_* variables of a
+        sandbox beside the shared one (its own name, subnet, loopback range and MLAPI_SANDBOX_STATE)."""
+        run_script("up", "--hosts", str(hosts), *(("--os", os_name) if os_name else ()), settings=settings)
+        state = Path(settings["MLAPI_SANDBOX_STATE"]) if settings and "MLAPI_SANDBOX_STATE" in settings else STATE_DIR
+        return cls(read_env(state / "env"), settings)
 
     @classmethod
     def current(cls) -> Sandbox | None:
         return cls(read_env()) if ENV_FILE.exists() else None
 
     @staticmethod
-    def down() -> None:
-        run_script("down", timeout=300)
+    def down(settings: dict[str, str] | None = None) -> None:
+        run_script("down", timeout=300, settings=settings)
 
     def power_off(self, host: str) -> None:
         """Stop one host as a power cut would; its address stops answering."""
-        run_script("power-off", self.host(host).name, timeout=120)
+        run_script("power-off", self.host(host).name, timeout=120, settings=self.settings)
 
     def start(self, host: str) -> None:
         """Boot a powered-off host again and wait until systemd reports it running."""
-        run_script("start", self.host(host).name, timeout=300)
+        run_script("start", self.host(host).name, timeout=300, settings=self.settings)
 
     def rebuild(self, host: str) -> None:
         """Re-create a host from the base root filesystem, as a VM re-created from its image: same name and
         addresses, nothing that was installed or written on it; returns once it has booted."""
-        run_script("rebuild", self.host(host).name, timeout=300)
+        run_script("rebuild", self.host(host).name, timeout=300, settings=self.settings)
 
     # --- what tests use ------------------------------------------------------------------------------------
 
