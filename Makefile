@@ -1,8 +1,22 @@
 # One name for every command. `make help` lists them.
 # Model packages are built with the Python feature release of the hosts that serve them (the service's
-# check refuses another one): the venv uses Ubuntu 24.04's, 3.12. For other hosts, e.g. Debian 12's 3.11:
-# make venv PYTHON=python3.11 HOST_PYTHON=3.11 (docs/support.md lists each OS's Python).
+# check refuses another one): .venv uses Ubuntu 24.04's, 3.12. OS=NAME (make demo OS=debian-12) takes that
+# OS's Python instead, with a venv and models of its own (.venv-3.11, models-py3.11); docs/support.md.
+OS_PYTHON_ubuntu-24.04 := 3.12
+OS_PYTHON_ubuntu-22.04 := 3.11
+OS_PYTHON_debian-12    := 3.11
+OS_PYTHON_debian-13    := 3.13
+ifneq ($(OS),)
+ifeq ($(OS_PYTHON_$(OS)),)
+$(error OS=$(OS) is not a sandbox OS: choose ubuntu-24.04, ubuntu-22.04, debian-12 or debian-13)
+endif
+HOST_PYTHON ?= $(OS_PYTHON_$(OS))
+endif
 HOST_PYTHON ?= 3.12
+ifneq ($(HOST_PYTHON),3.12)
+VENV   ?= .venv-$(HOST_PYTHON)
+MODELS ?= models-py$(HOST_PYTHON)
+endif
 PYTHON ?= $(firstword $(foreach p,python$(HOST_PYTHON) $(wildcard $(HOME)/.pyenv/versions/$(HOST_PYTHON).*/bin/python$(HOST_PYTHON)) /usr/bin/python$(HOST_PYTHON),$(shell $(p) -c 'print("$(p)")' 2>/dev/null)))
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -33,7 +47,7 @@ $(BIN)/.installed: requirements.txt requirements-dev.txt pyproject.toml $(wildca
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -r requirements-dev.txt
 	$(BIN)/pip install -q --no-deps -e .
-	$(BIN)/python -m tests.client_envs
+	test "$(HOST_PYTHON)" != 3.12 || $(BIN)/python -m tests.client_envs  # the clients' venvs, for the tests
 	touch $@
 
 models: venv ## train and package the demo models unless they exist and pass the check in this venv
@@ -51,15 +65,17 @@ test-fast: venv ## unit and integration tests only (no sandbox hosts)
 
 # The sandbox's vault password comes from its file (0600): no prompt.
 PLAYBOOK := ANSIBLE_CONFIG=deploy/ansible/ansible.cfg $(BIN)/ansible-playbook \
-	-i deploy/ansible/inventories/sandbox -i .sandbox/inventory/hosts.yml --vault-password-file .sandbox/vault-password
+	-i deploy/ansible/inventories/sandbox -i .sandbox/inventory/hosts.yml --vault-password-file .sandbox/vault-password \
+	-e app_models_src=$(abspath $(MODELS))
+SANDBOX_OS := $(if $(OS),--os $(OS))
 
-demo: setup models ## as root: a sandbox host provisioned by site.yml, serving HTTPS with a local ACME CA
-	scripts/sandbox/sandbox up --hosts 1
+demo: setup models ## as root: a sandbox host provisioned by site.yml, serving HTTPS with a local ACME CA (OS=NAME)
+	scripts/sandbox/sandbox up --hosts 1 $(SANDBOX_OS)
 	$(PLAYBOOK) deploy/ansible/site.yml
 	@scripts/sandbox/demo-info
 
-demo-cluster: setup models ## as root: a load balancer (lb, redis) and two app hosts, provisioned by site.yml
-	scripts/sandbox/sandbox up --hosts 3
+demo-cluster: setup models ## as root: a load balancer (lb, redis) and two app hosts, provisioned by site.yml (OS=NAME)
+	scripts/sandbox/sandbox up --hosts 3 $(SANDBOX_OS)
 	$(PLAYBOOK) deploy/ansible/site.yml
 	@scripts/sandbox/demo-info
 
