@@ -74,13 +74,14 @@ class PackageError(Exception):
 class Feature:
     name: str
     type: str = "float"
-    # string features: the categories the model knows, and whether it scores one it does not
-    categories: tuple[str, ...] | None = None
+    # string features: the categories the model knows, and whether it scores one it does not; an int
+    # feature has categories only where an encoder refuses values it was not fitted on (allow_unknown false)
+    categories: tuple[str, ...] | tuple[int, ...] | None = None
     allow_unknown: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, "type": self.type}
-        if self.type == "string":
+        if self.type == "string" or (self.type == "int" and self.categories is not None):
             out["categories"] = list(self.categories or ())
             out["allow_unknown"] = self.allow_unknown
         return out
@@ -92,6 +93,16 @@ class Feature:
         kind = item.get("type", "float")  # manifests before typed features held only numbers
         if kind not in FEATURE_TYPES:
             raise ValueError(f"feature {item['name']!r} has type {kind!r}, expected one of {', '.join(FEATURE_TYPES)}")
+        if kind == "int" and item.get("categories") is not None:
+            values = item["categories"]
+            if not isinstance(values, list) or not values or not all(
+                    isinstance(c, int) and not isinstance(c, bool) for c in values):
+                raise ValueError(f"int feature {item['name']!r}: 'categories' must be a non-empty list of integers")
+            if len(set(values)) != len(values):
+                raise ValueError(f"int feature {item['name']!r} lists a category more than once")
+            if item.get("allow_unknown", False) is not False:
+                raise ValueError(f"int feature {item['name']!r}: categories are kept only with allow_unknown false")
+            return cls(item["name"], kind, tuple(values), False)
         if kind != "string":
             return cls(item["name"], kind)
         categories = item.get("categories")
@@ -684,6 +695,13 @@ def _typed_features(
         kind = types.get(name) or ("string" if texts else _column_type(column))
         if kind not in FEATURE_TYPES:
             raise ValueError(f"feature {name!r}: type {kind!r} is not one of {', '.join(FEATURE_TYPES)}")
+        if kind == "int" and name in encoded and not encoded[name][1] and encoded[name][0] and all(
+                isinstance(c, (int, float)) and not isinstance(c, bool) and float(c).is_integer()
+                for c in encoded[name][0]):
+            # An encoder that refuses unknown values (OneHotEncoder's default) would fail the whole request on
+            # one: the service refuses such a value by name instead.
+            features.append(Feature(name, kind, tuple(sorted({int(c) for c in encoded[name][0]}))))
+            continue
         if kind != "string":
             features.append(Feature(name, kind))
             continue

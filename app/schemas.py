@@ -54,6 +54,9 @@ def _value_type(feature: Feature, max_abs: float) -> Any:
                          Field(description=f"{feature.name} (string: one of the categories the model knows)")]
     if feature.type == "bool":
         return Annotated[bool, Field(description=f"{feature.name} (bool)")]
+    if feature.type == "int" and feature.categories is not None and not feature.allow_unknown:
+        return Annotated[Literal[tuple(feature.categories)],  # type: ignore[misc]
+                         Field(description=f"{feature.name} (int: one of the values the model's encoder knows)")]
     number = int if feature.type == "int" else float
     return Annotated[number, Field(ge=-max_abs, le=max_abs, description=f"{feature.name} ({feature.type})")]
 

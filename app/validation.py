@@ -110,8 +110,9 @@ def known_values(categories: Sequence[str]) -> str:
 class FeatureSpec:
     name: str
     type: str = "float"
-    categories: tuple[str, ...] | None = None  # string features: the ones the model knows
-    allow_unknown: bool = False  # string features: whether the model scores a category it does not know
+    # string features: the ones the model knows; int features: the values an encoder refusing others knows
+    categories: tuple[str, ...] | tuple[int, ...] | None = None
+    allow_unknown: bool = False  # whether the model scores a category it does not know
 
 
 class InputSchema:
@@ -127,6 +128,10 @@ class InputSchema:
         self._bool_columns = [j for j, f in enumerate(self.features) if f.type == "bool"]
         self._index = {
             f.name: {c: i for i, c in enumerate(f.categories or ())} for f in self.features if f.type == "string"
+        }
+        self._int_known = {
+            f.name: np.array(sorted(f.categories), dtype=np.int64)
+            for f in self.features if f.type == "int" and f.categories is not None and not f.allow_unknown
         }
         n = len(self.names)
         self._by_name = itemgetter(*self.names) if n > 1 else (lambda row: (row[self.names[0]],))
@@ -269,7 +274,13 @@ class InputSchema:
             for i in np.nonzero(finite & (array != np.floor(array)))[0]:
                 problems.append({"loc": [int(i), spec.name], "msg": _not_whole(float(array[i]))})
             if not problems:
-                return array.astype(np.int64), []
+                whole = array.astype(np.int64)
+                known = self._int_known.get(spec.name)
+                if known is not None:
+                    for i in np.nonzero(~np.isin(whole, known))[0]:
+                        problems.append({"loc": [int(i), spec.name],
+                                         "msg": unknown_value(int(whole[i]), spec.categories)})
+                return (whole, []) if not problems else (np.empty(0), problems)
         return array, problems
 
     def _booleans(self, spec: FeatureSpec, column: Any, max_abs: float) -> tuple[np.ndarray, list[dict[str, Any]]]:
@@ -319,7 +330,10 @@ def reference_row(features: Sequence[Any], reference: dict[str, dict[str, Any]])
         elif f.type == "bool":
             row.append(bool(round(stats.get("mean", 0.0))))
         elif f.type == "int":
-            row.append(int(round(stats.get("mean", 0.0))))
+            mean = stats.get("mean", 0.0)
+            known = f.categories if f.categories is not None and not f.allow_unknown else None
+            # A value the model knows: the nearest of its categories to the mean.
+            row.append(int(min(known, key=lambda c: (abs(c - mean), c))) if known else int(round(mean)))
         else:
             row.append(round(float(stats.get("mean", 0.0)), 3))
     return row
@@ -327,6 +341,10 @@ def reference_row(features: Sequence[Any], reference: dict[str, dict[str, Any]])
 
 def unknown_category(value: str, categories: Sequence[str]) -> str:
     return f"{value!r} is not a known category; known: {known_values(categories)}"
+
+
+def unknown_value(value: int, categories: Sequence[int]) -> str:
+    return f"{value} is not a value the model knows (its encoder refuses others); known: {known_values(categories)}"
 
 
 _CHECKS = {

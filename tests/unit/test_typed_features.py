@@ -403,3 +403,61 @@ def test_v2_one_tensor_of_all_features_is_refused_for_a_model_with_string_featur
     assert r.status_code == 400
     assert "send one input per feature, named after it" in r.json()["error"]
     assert "plan (string)" in r.json()["error"]
+
+
+@pytest.fixture(scope="module")
+def strict_seats(tmp_path_factory) -> tuple[Path, Any, pd.DataFrame]:
+    """A pipeline whose OneHotEncoder (unknown values an error, its default) encodes the int column seats."""
+    from sklearn.compose import ColumnTransformer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import OneHotEncoder, StandardScaler
+
+    frame, y, _ = churn_data(rows=300, seed=3)
+    columns = ColumnTransformer([("categories", OneHotEncoder(), ["plan", "seats"]),
+                                 ("numbers", StandardScaler(), ["monthly_usage"])])
+    model = Pipeline([("columns", columns), ("classify", LogisticRegression(max_iter=500))]).fit(frame, y)
+    models = tmp_path_factory.mktemp("strict-seats")
+    build_package(model, name="seats", version="1", models_dir=models, sample=frame)
+    return models, model, frame
+
+
+def _seats_record(frame: pd.DataFrame, seats: int) -> dict[str, Any]:
+    return {**_records(frame)[0], "seats": seats}
+
+
+def test_an_int_column_behind_a_strict_encoder_records_the_values_it_knows(strict_seats):
+    models, model, frame = strict_seats
+    features = {f["name"]: f for f in read_manifest(models / "seats" / "1")["features"]}
+    known = sorted(int(v) for v in model.named_steps["columns"].named_transformers_["categories"].categories_[1])
+    assert features["seats"] == {"name": "seats", "type": "int", "categories": known, "allow_unknown": False}
+    assert "categories" not in features["monthly_usage"]
+
+
+def test_an_int_value_the_encoder_never_saw_is_a_422_naming_it_not_a_500(strict_seats, make_client):
+    models, model, frame = strict_seats
+    known = read_manifest(models / "seats" / "1")["features"][2]["categories"]
+    unseen = max(known) + 1000
+    with make_client(models, default_model="seats") as client:
+        refused = client.post("/v1/predict", json={"features": _seats_record(frame, unseen)})
+        v2 = client.post("/v2/models/seats/infer", json={"inputs": [
+            {**column, "data": [unseen]} if column["name"] == "seats" else column
+            for column in _column_inputs(frame.iloc[:1])]})
+        served = client.post("/v1/predict", json={"features": _seats_record(frame, known[0])})
+    assert refused.status_code == 422, refused.text
+    message = refused.json()["error"]["details"][0]["msg"]
+    assert message.startswith(f"{unseen} is not a value the model knows") and str(known[0]) in message
+    assert v2.status_code == 400 and f"{unseen} is not a value the model knows" in v2.json()["error"]
+    assert served.status_code == 200, served.text
+    expected = model.predict(pd.DataFrame([_seats_record(frame, known[0])]).astype(frame.dtypes.to_dict()))[0]
+    assert served.json()["prediction"] == expected
+
+
+def test_a_strict_int_columns_known_values_are_an_enum_in_the_schema(strict_seats, make_client):
+    models, _, _ = strict_seats
+    known = read_manifest(models / "seats" / "1")["features"][2]["categories"]
+    with make_client(models, default_model="seats") as client:
+        schema = client.get("/openapi.json").json()
+    seats = [s["properties"]["seats"] for s in schema["components"]["schemas"].values()
+             if "seats" in s.get("properties", {})]
+    assert seats and all(s.get("enum") == known for s in seats), seats
