@@ -19,6 +19,52 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
+# Where a copy of the interpreter lives for users who cannot run the venv's own (see interpreter_for).
+SHARED_RUNTIMES = Path(os.environ.get("MLAPI_TEST_RUNTIMES", "/var/cache/mlapi-tests"))
+
+
+def _as_user(user: str) -> list[str]:
+    return ["setpriv", f"--reuid={user}", f"--regid={pwd.getpwnam(user).pw_gid}", "--clear-groups"]
+
+
+def interpreter_for(user: str) -> tuple[list[str], dict[str, str]]:
+    """(argv prefix, environment) with which `user` runs this venv's Python and its packages.
+
+    The venv's own interpreter when the user can run it. A pyenv build under /root cannot be: its binary,
+    libpython and standard library are root's only. Then a copy of that installation (binary, libpython,
+    standard library) in a folder every user may read, made once per machine, runs with the venv's
+    site-packages and this checkout on its path: the same Python build, so the same compiled packages."""
+    import fcntl
+    import hashlib
+    import sysconfig
+
+    probe = subprocess.run([*_as_user(user), sys.executable, "-c", "import json, ssl"], capture_output=True,
+                           check=False)
+    if probe.returncode == 0:
+        return [sys.executable], {}
+    base = Path(sys.base_prefix)
+    tag = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    digest = hashlib.sha256(f"{base}\0{sys.version}".encode()).hexdigest()[:12]
+    copy = SHARED_RUNTIMES / f"{tag}-{digest}"
+    SHARED_RUNTIMES.mkdir(parents=True, exist_ok=True)
+    SHARED_RUNTIMES.chmod(0o755)
+    with open(SHARED_RUNTIMES / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (copy / ".complete").exists():
+            shutil.rmtree(copy, ignore_errors=True)
+            (copy / "bin").mkdir(parents=True)
+            shutil.copy2(base / "bin" / tag, copy / "bin" / tag)
+            (copy / "lib").mkdir()
+            for library in (base / "lib").glob(f"lib{tag}*.so*"):
+                shutil.copy2(library, copy / "lib" / library.name, follow_symlinks=True)
+            shutil.copytree(base / "lib" / tag, copy / "lib" / tag, symlinks=True,
+                            ignore=shutil.ignore_patterns("test", "site-packages", "idlelib", "tkinter"))
+            for path in [copy, *copy.rglob("*")]:
+                path.chmod(0o755 if path.is_dir() or os.access(path, os.X_OK) else 0o644)
+            (copy / ".complete").touch()
+    site_packages = sysconfig.get_paths()["purelib"]
+    return [str(copy / "bin" / tag)], {"LD_LIBRARY_PATH": str(copy / "lib"), "PYTHONNOUSERSITE": "1",
+                                        "PYTHONPATH": os.pathsep.join([site_packages, str(ROOT)])}
 
 
 def mlapi_command() -> list[str]:
@@ -101,20 +147,21 @@ class Gunicorn(Process):
     def __init__(self, env: dict[str, str], port: int | None = None, workers: int = 2, user: str | None = None):
         self.port = port or free_port()
         self.metrics_dir = tempfile.mkdtemp(prefix="mlapi-prom-")
-        as_user: list[str] = []
+        command: list[str] = [str(VENV_BIN / "gunicorn")]
+        runtime_env: dict[str, str] = {}
         if user is not None:
             shutil.chown(self.metrics_dir, user)
-            as_user = ["setpriv", f"--reuid={user}", f"--regid={pwd.getpwnam(user).pw_gid}", "--clear-groups"]
+            python, runtime_env = interpreter_for(user)
+            command = [*_as_user(user), *python, "-m", "gunicorn"]
         full_env = {
             **os.environ,
             "MLAPI_BIND": f"127.0.0.1:{self.port}",
             "MLAPI_WORKERS": str(workers),
             "PROMETHEUS_MULTIPROC_DIR": self.metrics_dir,
+            **runtime_env,
             **env,
         }
-        super().__init__(
-            [*as_user, str(VENV_BIN / "gunicorn"), "-c", "app/gunicorn_conf.py", "app.main:create_app()"], env=full_env
-        )
+        super().__init__([*command, "-c", "app/gunicorn_conf.py", "app.main:create_app()"], env=full_env)
         self.url = f"http://127.0.0.1:{self.port}"
 
     def wait_ready(self, timeout: float = 90.0) -> None:
