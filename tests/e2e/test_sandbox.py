@@ -115,7 +115,8 @@ def test_the_host_runs_its_os_with_the_cloud_images_login_user_and_sudo_rule(san
     expected = ["needrestart", "unattended-upgrades", "ufw"] if sandbox.os_name.startswith("ubuntu") \
         else ["unattended-upgrades"]
     installed = sandbox.ssh(FIRST_HOST, f"dpkg-query -W -f '${{Package}} ${{db:Status-Abbrev}}\\n' {' '.join(expected)}")
-    assert sorted(line.split()[0] for line in installed.stdout.splitlines() if line.split()[1:] == ["ii"]) == expected
+    assert {line.split()[0] for line in installed.stdout.splitlines() if line.split()[1:] == ["ii"]} == set(expected), (
+        installed.stdout)
 
 
 def test_the_inventory_connects_as_the_login_user_and_becomes_root(sandbox: Sandbox) -> None:
