@@ -42,7 +42,8 @@ venv-python:
 # The project itself (the mlapi command) goes in last, editable and without dependencies: the pins of the
 # requirements are the versions, and a change to app/ needs no reinstall.
 $(BIN)/.installed: requirements.txt requirements-dev.txt pyproject.toml $(wildcard tests/client_envs/*.txt)
-	@test -x $(BIN)/python || test -n "$(PYTHON)" || { echo "make venv: no Python $(HOST_PYTHON) found; install python$(HOST_PYTHON) (with venv) or name one: make venv PYTHON=/path/to/python$(HOST_PYTHON)" >&2; exit 1; }
+	@test -x $(BIN)/python || test -n "$(PYTHON)" || { echo "make venv: no Python $(HOST_PYTHON) found; install python$(HOST_PYTHON) (with venv; Ubuntu 24.04 has it, elsewhere pyenv) or name one: make venv PYTHON=/path/to/python$(HOST_PYTHON); for hosts of Python 3.11 (Debian 12, Ubuntu 22.04): make venv HOST_PYTHON=3.11" >&2; exit 1; }
+	@test -x $(BIN)/python || $(PYTHON) -c 'import sys; sys.exit(not sys.version.startswith("$(HOST_PYTHON)."))' || { echo "make venv: $(PYTHON) is not Python $(HOST_PYTHON): packages built with it are refused on hosts of Python $(HOST_PYTHON); name a python$(HOST_PYTHON), or set HOST_PYTHON to this one's 3.x" >&2; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -r requirements-dev.txt
