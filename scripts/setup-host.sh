@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the kit needs on a Debian 12 / Ubuntu 22.04+ controller (run as root):
-# the system packages used by the tests and the sandbox, and the Python venv (Python 3.12,
-# that of the default sandbox OS, Ubuntu 24.04: see HOST_PYTHON in the Makefile).
+# the system packages used by the tests and the sandbox, and the Python venv (Python 3.12, that of the
+# default sandbox OS, Ubuntu 24.04: Ubuntu 24.04 has it, elsewhere a pyenv 3.12; see HOST_PYTHON in the Makefile).
 #   scripts/setup-host.sh                    everything `make test` needs
 #   scripts/setup-host.sh --without-sandbox  only what `make test-fast` needs (no sandbox hosts, no TLS
 #                                            scanner, no load generator): a CI runner of unit and
@@ -24,11 +24,12 @@ packages=(
   prometheus                             # promtool and a real Prometheus for the alert and dashboard tests
   shellcheck                             # checks the shell of the CI workflow example (with actionlint)
   libarchive-tools                       # bsdtar: the release archive must not depend on GNU tar
+  gnupg                                  # checks Ubuntu's archive keyring against pinned fingerprints
 )
 if [ "$with_sandbox" = 1 ]; then
   packages+=(
     systemd-container debootstrap          # sandbox hosts: systemd-nspawn over debootstrapped Ubuntu and Debian
-    gnupg debian-archive-keyring           # checks Ubuntu's archive keyring against pinned fingerprints
+    debian-archive-keyring                 # Debian suites' signatures for debootstrap
     pebble tinyproxy iproute2 openssh-client  # local ACME CA, sandbox egress, namespaces
     wrk                                    # load generator for benchmarks
     testssl.sh libengine-gost-openssl     # TLS scanner of the e2e suite (it warns without the GOST engine)
