@@ -60,7 +60,8 @@ def interpreter_for(user: str) -> tuple[list[str], dict[str, str]]:
             shutil.copytree(base / "lib" / tag, copy / "lib" / tag, symlinks=True,
                             ignore=shutil.ignore_patterns("test", "site-packages", "idlelib", "tkinter"))
             for path in [copy, *copy.rglob("*")]:
-                path.chmod(0o755 if path.is_dir() or os.access(path, os.X_OK) else 0o644)
+                if not path.is_symlink():  # a link's mode is its target's, which may lie outside the copy
+                    path.chmod(0o755 if path.is_dir() or os.access(path, os.X_OK) else 0o644)
             (copy / ".complete").touch()
     site_packages = sysconfig.get_paths()["purelib"]
     return [str(copy / "bin" / tag)], {"LD_LIBRARY_PATH": str(copy / "lib"), "PYTHONNOUSERSITE": "1",

@@ -40,7 +40,7 @@ WORK = ROOT / ".cache" / "e2e" / "matrix"
 @dataclass
 class MatrixHost:
     os_name: str
-    sandbox: Sandbox
+    sandbox: Sandbox | None = None
     first: PlaybookRun | None = None
     second: PlaybookRun | None = None
     check: PlaybookRun | None = None
@@ -67,20 +67,22 @@ def settings(index: int, os_name: str) -> dict[str, str]:
 
 
 def models_for(os_name: str) -> Path:
-    """The iris demo package, built with the Python of os_name's hosts."""
+    """The iris demo package, built afresh (seconds) with the Python of os_name's hosts and the current pins."""
     models = WORK / os_name / "models"
     python = packager_python(MATRIX[os_name])
-    if not (models / "iris" / "1" / "manifest.json").exists():
-        subprocess.run([str(python), "-m", "app.cli", "train-demo", "--models-dir", str(models), "--only", "iris"],
-                       cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True, capture_output=True,
-                       stdin=subprocess.DEVNULL, timeout=600)
+    built = subprocess.run(
+        [str(python), "-m", "app.cli", "train-demo", "--force", "--models-dir", str(models), "--only", "iris"],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+        stdin=subprocess.DEVNULL, timeout=600, check=False)
+    if built.returncode != 0:
+        raise RuntimeError(f"train-demo with Python {MATRIX[os_name]} failed:\n{built.stdout}{built.stderr}")
     return models
 
 
 def bring_up(index: int, os_name: str) -> MatrixHost:
-    box = Sandbox.up(hosts=1, os_name=os_name, settings=settings(index, os_name))
-    matrix_host = MatrixHost(os_name, box)
+    matrix_host = MatrixHost(os_name)
     try:
+        box = matrix_host.sandbox = Sandbox.up(hosts=1, os_name=os_name, settings=settings(index, os_name))
         extra = {"app_models_src": str(models_for(os_name))}
         matrix_host.first = run_playbook(box, "site.yml", extra, label=f"matrix-{os_name}-first")
         if matrix_host.first.returncode == 0:
