@@ -89,7 +89,10 @@ def test_the_acme_ca_validates_http_01_on_the_lb_host_and_issues_under_sandbox_c
 ) -> None:
     lb = own_sandbox.hosts[0]
     own_sandbox.copy_to(lb, own_sandbox.acme_tls_ca, "/root/acme-tls-ca.pem")
-    install = own_sandbox.ssh(lb, "DEBIAN_FRONTEND=noninteractive apt-get install -y -q certbot", timeout=600)
+    # The image carries no package lists, as a freshly booted cloud host may not: refresh them first.
+    install = own_sandbox.ssh(
+        lb, "apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q certbot", timeout=600
+    )
     assert install.returncode == 0, install.stderr
     # certbot's own web server answers the challenge on port 80, where Pebble fetches it.
     issue = own_sandbox.ssh(
