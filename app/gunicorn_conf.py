@@ -4,7 +4,9 @@ Every value comes from app.settings (MLAPI_* variables). The master preloads
 the app and loads the models before forking, then freezes the garbage
 collector so the workers share the model's memory copy-on-write. SIGHUP
 (``systemctl reload``) reloads the model packages in the master, verified
-before they replace anything, then replaces the workers gracefully.
+before they replace anything, builds the app again from what loaded (so the
+routes and request schemas follow the serving versions), then replaces the
+workers gracefully.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ if not os.environ.get("MLAPI_MASTER_STARTED"):
             _entry.unlink(missing_ok=True)
 
 from app.logs import get_logger, logging_config  # noqa: E402
+from app.main import create_app
 
 bind = [_settings.bind]
 workers = _settings.workers
@@ -65,21 +68,30 @@ proc_name = "mlapi"
 control_socket_disable = True
 
 
-def _registry(server):  # type: ignore[no-untyped-def]
-    return server.app.wsgi().state.registry
+def _load_and_rebuild(server) -> None:  # type: ignore[no-untyped-def]
+    """Load the model packages in the master, then build the app the next workers fork with from what loaded:
+    its routes, request schemas and /openapi.json show the versions the gate let through (app/main.py)."""
+    app = server.app.wsgi()
+    registry = app.state.registry
+    # What the last freeze kept is collectable again: the app and the models a reload replaces are freed.
+    gc.unfreeze()
+    registry.load()
+    server.app.callable = create_app(app.state.settings, registry)
+    del app
+    gc.collect()
+    gc.freeze()
 
 
 def on_starting(server) -> None:  # type: ignore[no-untyped-def]
     """Load and verify the models in the master, before the first worker forks."""
     os.environ["MLAPI_MASTER_STARTED"] = "1"
-    _registry(server).load()
-    gc.freeze()
+    _load_and_rebuild(server)
 
 
 def on_reload(server) -> None:  # type: ignore[no-untyped-def]
-    """SIGHUP: load new model packages; a package that fails the gate leaves the old one serving."""
-    _registry(server).load()
-    gc.freeze()
+    """SIGHUP: load new model packages; a package that fails the gate leaves the old one serving. The workers
+    that replace the old ones serve the routes of what is loaded now: a new model gets its routes."""
+    _load_and_rebuild(server)
     get_logger("gunicorn").info("reloaded model packages; replacing workers")
 
 

@@ -4,6 +4,12 @@
 ``app.state.registry.load()``: in the gunicorn master before workers fork
 (``app/gunicorn_conf.py``, so their memory is shared copy-on-write), or in the
 lifespan when the app runs without a preloading master (tests, a plain uvicorn).
+
+The /v1 prediction routes, their request schemas and /openapi.json are made from
+manifests. After each load in the gunicorn master (start and SIGHUP) the master
+builds the app again from the registry that loaded (``create_app(settings,
+registry)``), and the workers it forks next serve that one: the contract follows
+the versions the gate let through, and a refused package shapes nothing.
 """
 
 from __future__ import annotations
@@ -35,8 +41,14 @@ from app.settings import Settings, get_settings
 log = get_logger("app")
 
 
+def serving_manifests(registry: ModelRegistry) -> dict[str, Manifest]:
+    """The manifest of the version that takes most of each loaded model's traffic: it shapes the schema
+    shown for that model's routes. Every request is still checked against the version that scores it."""
+    return {name: served.versions[served.default_version].manifest for name, served in registry.models.items()}
+
+
 def route_manifests(settings: Settings) -> dict[str, Manifest]:
-    """The newest valid manifest of each model: it shapes the request schema of that model's routes.
+    """Before any load: the newest valid manifest of each model, read from the models folder.
 
     Only manifest.json is read here (no unpickling); the full gate runs at load.
     Never raises: a manifest that cannot be read or shaped into a schema is
@@ -67,10 +79,26 @@ def route_manifests(settings: Settings) -> dict[str, Manifest]:
     return manifests
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def _routable(manifests: dict[str, Manifest], settings: Settings) -> dict[str, Manifest]:
+    """The manifests a request schema can be made from; one that cannot shape one is left out, logged."""
+    routable: dict[str, Manifest] = {}
+    for name, manifest in manifests.items():
+        try:
+            request_models(manifest, settings.max_abs_value, settings.max_batch_size)
+        except Exception as exc:  # anything: one model's manifest never stops the app from being built
+            log.warning("no routes from this manifest", extra={
+                "model": name, "version": manifest.version, "detail": f"{type(exc).__name__}: {exc}"})
+            continue
+        routable[name] = manifest
+    return routable
+
+
+def create_app(settings: Settings | None = None, registry: ModelRegistry | None = None) -> FastAPI:
+    """The app; with a registry that has loaded, its routes are made from what the registry serves."""
     settings = settings or get_settings()
     configure_logging(settings.log_level)
-    registry = ModelRegistry(settings)
+    if registry is None:
+        registry = ModelRegistry(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -106,11 +134,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.limiter = limiter
     app.state.rate_store = rate_store
 
-    manifests = route_manifests(settings)
-    registry.route_features = {name: m.contract() for name, m in manifests.items()}
+    if registry.loaded:
+        manifests = _routable(serving_manifests(registry), settings)
+        default = registry.default_name
+    else:
+        manifests = route_manifests(settings)
+        default = settings.default_model or next(iter(sorted(manifests)), None)
     prediction_log = PredictionLog(settings, features={f for m in manifests.values() for f in m.feature_names})
     app.state.prediction_log = prediction_log
-    default = settings.default_model or next(iter(sorted(manifests)), None)
     app.include_router(health.router)
     app.include_router(predict.build_router(manifests, default, settings, limiter))
     app.include_router(models.build_router(settings, limiter))

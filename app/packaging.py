@@ -137,10 +137,6 @@ class Manifest:
     def feature_names(self) -> list[str]:
         return [f.name for f in self.features]
 
-    def contract(self) -> tuple[Any, ...]:
-        """What a request must hold for this version: a reload may not change it under running routes."""
-        return (self.input, *self.features)
-
     def to_dict(self) -> dict[str, Any]:
         return {
             "format": self.format,
@@ -291,8 +287,8 @@ def discover(models_dir: Path, unlisted: dict[str, PackageError] | None = None) 
             return found
         models = sorted(models_dir.iterdir())
     except OSError as exc:
-        # Routes are made from the manifests when the service starts: a reload cannot add them.
-        remedy = "give the service user read access to it (e.g. chmod a+rX on the folder), then restart the service"
+        remedy = ("give the service user read access to it (e.g. chmod a+rX on the folder), then reload or "
+                  "restart the service")
         raise PackageError(models_dir, "unreadable", as_refusal(models_dir, exc).problem, remedy) from None
     for model in models:
         try:

@@ -120,9 +120,6 @@ class ModelRegistry:
         self._stamps: dict[tuple[str, str], tuple[int, int, int] | None] = {}
         self.loaded = False
         self.last_error: str | None = None
-        # Feature names each model's /v1 request schema was built with (set by the app): routes are made
-        # once per master, so a version with other features could only be fed columns it does not take.
-        self.route_features: dict[str, tuple[Any, ...]] = {}
 
     # ----- loading -------------------------------------------------------
     def load(self) -> dict[str, ServedModel]:
@@ -194,17 +191,6 @@ class ModelRegistry:
         if old is not None and stamp is not None and self._stamps.get((name, version)) == stamp:
             return old  # unchanged on disk: keep the loaded object (and its shared memory)
         model = load_package(path, engine=self.settings.engine, onnx_threads=self.settings.onnx_threads)
-        routed = self.route_features.get(name)
-        if routed is not None and model.manifest.contract() != routed:
-            described = [f"{f.name} ({f.type})" for f in model.manifest.features]
-            running = [f"{f.name} ({f.type})" for f in routed[1:]]
-            raise PackageError(
-                path,
-                "features",
-                f"it takes the features {described} (as {model.manifest.input} input, categories and unknown "
-                f"handling included), but the running service's routes validate requests for {running}",
-                "restart the service (systemctl restart, not reload) to serve a new feature list",
-            )
         self._stamps[(name, version)] = stamp
         return model
 

@@ -173,6 +173,10 @@ class Gunicorn(Process):
 
         wait_for(ready, timeout, what=f"gunicorn ready on {self.url}")
 
+    def workers(self) -> set[int]:
+        """The PIDs of the master's children: its workers."""
+        return {int(pid) for pid in Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text().split()}
+
     def stop(self, timeout: float = 30.0) -> None:
         super().stop(timeout)
         shutil.rmtree(self.metrics_dir, ignore_errors=True)

@@ -212,8 +212,8 @@ def build_router(manifests: dict[str, Manifest], default: str | None, settings: 
             request.app.state.registry.get(name)
         except UnknownModel as exc:
             raise APIError(404, str(exc), code="model_not_found") from None
-        raise APIError(404, f"model {name!r} has no prediction routes: its manifest could not shape them at start; "
-                            "see the log, fix the package and restart", code="model_not_found")
+        raise APIError(404, f"model {name!r} has no prediction routes: its manifest could not shape them when "
+                            "the models were loaded; see the log, fix the package and reload", code="model_not_found")
 
     router.add_api_route("/models/{name}:predict", kserve_unknown_model, methods=["POST"], include_in_schema=False,
                          route_class_override=APIRoute)

@@ -13,7 +13,13 @@ import pytest
 
 from app.registry import ModelRegistry, pick_weighted, stable_fraction
 from app.settings import Settings
-from tests.model_packages import broken_tags_package, copy_as_version, drop_the_bin_edges, odd_names_package
+from tests.model_packages import (
+    ODD_FEATURES,
+    broken_tags_package,
+    copy_as_version,
+    drop_the_bin_edges,
+    odd_names_package,
+)
 from tests.servers import mlapi
 from tests.unit.conftest import IRIS_ROW, metric
 
@@ -246,7 +252,7 @@ def test_a_models_folder_that_cannot_be_listed_leaves_the_registry_unready_with_
     assert registry.load() == {}
     assert registry.loaded is False
     assert f"model package {models_dir} failed the unreadable check" in registry.last_error
-    assert "then restart the service" in registry.last_error
+    assert "then reload or restart the service" in registry.last_error
 
 
 def test_the_service_with_an_unlistable_models_folder_starts_and_says_why_it_is_not_ready(tmp_path, make_client):
@@ -258,12 +264,21 @@ def test_the_service_with_an_unlistable_models_folder_starts_and_says_why_it_is_
     assert "unreadable" in ready.json()["error"]["message"]
 
 
-def test_a_reload_refuses_a_version_whose_features_differ_from_the_running_routes(models_copy, make_client):
+def test_the_app_built_after_a_reload_serves_a_version_whose_feature_names_differ(models_copy, make_client):
+    """The app gunicorn's master builds after SIGHUP (app/gunicorn_conf.py) takes the new names; the old ones
+    are refused with a 422 that names what the serving version takes, never scored."""
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
     with make_client(models_copy) as c:
         odd_names_package(models_copy, "iris", "2")
-        c.app.state.registry.load()  # what SIGHUP does in the master
-        r = c.post("/v1/predict", json={"features": IRIS_ROW})
-        refused = c.get("/v1/models/iris").json()["refused"]
-    assert (r.status_code, r.json()["version"]) == (200, "1")
-    assert [(f["version"], f["check"]) for f in refused] == [("2", "features")]
-    assert "restart the service" in refused[0]["message"]
+        registry, settings = c.app.state.registry, c.app.state.settings
+        registry.load()  # what SIGHUP does in the master, before it builds the app again
+    with TestClient(create_app(settings, registry)) as c:
+        odd = c.post("/v1/predict", json={"features": dict(zip(ODD_FEATURES, IRIS_ROW.values(), strict=True))})
+        old = c.post("/v1/predict", json={"features": IRIS_ROW})
+        listed = c.get("/v1/models/iris").json()
+    assert (odd.status_code, odd.json()["version"], odd.json()["prediction"]) == (200, "2", "setosa")
+    assert old.status_code == 422 and "model_config" in json.dumps(old.json())
+    assert [v["version"] for v in listed["versions"]] == ["2"] and listed["refused"] == []

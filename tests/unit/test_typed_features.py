@@ -9,7 +9,6 @@ predict_proba on the same DataFrame.
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 from typing import Any
 
@@ -375,26 +374,38 @@ def test_a_manifest_without_types_or_input_still_loads_and_serves_numbers(models
     assert r.status_code == 200 and r.json()["prediction"] == "setosa"
 
 
-def test_a_reload_refuses_a_version_whose_categories_differ(models_copy: Path):
-    """A type or category change is another request contract: the running routes could not check it."""
+def test_the_app_built_after_a_reload_takes_the_features_of_the_version_that_loaded(models_copy: Path):
+    """What gunicorn's master does on SIGHUP (app/gunicorn_conf.py): load, then build the app from the registry.
+    A version with its features in another order serves a named row by name and a list in its own order."""
+    from fastapi.testclient import TestClient
+    from sklearn.datasets import load_iris
+    from sklearn.linear_model import LogisticRegression
+
+    from app.main import create_app
     from app.registry import ModelRegistry
     from app.settings import Settings
 
-    registry = ModelRegistry(Settings(models_dir=models_copy))
+    settings = Settings(models_dir=models_copy, default_model="iris")
+    registry = ModelRegistry(settings)
     registry.load()
-    registry.route_features = {"churn": registry.get("churn").versions["1"].manifest.contract()}
-    import shutil
-
-    shutil.copytree(models_copy / "churn" / "1", models_copy / "churn" / "2")
-    manifest = read_manifest(models_copy / "churn" / "2")
-    manifest["version"] = "2"
-    manifest["features"][0]["allow_unknown"] = True
-    write_manifest(models_copy / "churn" / "2", manifest)
+    iris = load_iris()
+    names = [f["name"] for f in read_manifest(models_copy / "iris" / "1")["features"]][::-1]
+    X, y = iris.data[:, ::-1], iris.target_names[iris.target]
+    build_package(LogisticRegression(max_iter=1000).fit(X, y), name="iris", version="2", models_dir=models_copy,
+                  sample=X, feature_names=names)
     registry.load()
-    served = registry.get("churn")
-    assert sorted(served.versions) == ["1"]
-    assert [f["check"] for f in served.failures if f["version"] == "2"] == ["features"]
-    assert json.dumps(served.failures).count("plan (string)") >= 1
+    assert sorted(registry.get("iris").versions) == ["2"] and not registry.get("iris").failures
+    row = {"sepal_length": 5.1, "sepal_width": 3.5, "petal_length": 1.4, "petal_width": 0.2}
+    with TestClient(create_app(settings, registry)) as c:
+        by_name = c.post("/v1/predict", json={"features": row})
+        as_list = c.post("/v1/predict", json={"features": [row[n] for n in names]})
+        old_order = c.post("/v1/predict", json={"features": list(row.values())})
+        schema = c.get("/openapi.json").json()["components"]["schemas"]["IrisFeatures"]
+    assert [(r.status_code, r.json()["version"], r.json()["prediction"]) for r in (by_name, as_list)] == [
+        (200, "2", "setosa")] * 2
+    # A list in the old order is the new version's columns, values in the wrong place: not setosa.
+    assert old_order.status_code == 200 and old_order.json()["prediction"] != "setosa"
+    assert [schema["properties"][k]["title"] for k in schema["properties"]] == names
 
 
 def test_v2_one_tensor_of_all_features_is_refused_for_a_model_with_string_features(churn_client):
