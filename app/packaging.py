@@ -42,7 +42,7 @@ import numpy as np
 
 from app.drift import check_reference, reference_statistics
 from app.engines import Engine, OnnxEngine, SklearnEngine
-from app.validation import FeatureSpec, InputSchema, ValidationFailure
+from app.validation import FeatureSpec, InputSchema, ValidationFailure, reference_row
 
 MANIFEST = "manifest.json"
 MODEL_JOBLIB = "model.joblib"
@@ -132,6 +132,10 @@ class Manifest:
     format: int = FORMAT_VERSION
     # "frame": fitted on a DataFrame, scored on one with the training columns and dtypes; "array": a plain array
     input: Literal["array", "frame"] = "array"
+    # The row every gate scores (reference_row) and the answer the estimator gave it when packaged:
+    # {"features": {name: value}, "prediction": label or value, "probabilities": {label: p}, "tolerance": t}.
+    # Packages built before it was recorded have none; their gates check the shape of the answer only.
+    smoke: dict[str, Any] | None = None
 
     @property
     def feature_names(self) -> list[str]:
@@ -152,6 +156,7 @@ class Manifest:
             "metrics": self.metrics,
             "reference": self.reference,
             "onnx": self.onnx,
+            **({"smoke": self.smoke} if self.smoke is not None else {}),
         }
 
     @classmethod
@@ -184,6 +189,9 @@ class Manifest:
             if not isinstance(data["versions"].get(key), str):
                 raise ValueError(f"versions.{key} is missing")
         check_reference(data["reference"], parsed)
+        smoke = data.get("smoke")
+        if smoke is not None:
+            _check_smoke(smoke, data["task"], classes)
         return cls(
             name=str(data["name"]),
             version=str(data["version"]),
@@ -198,7 +206,23 @@ class Manifest:
             onnx=dict(data["onnx"]),
             format=int(data.get("format", 1)),
             input=kind,
+            smoke=dict(smoke) if smoke is not None else None,
         )
+
+
+def _check_smoke(smoke: Any, task: str, classes: Any) -> None:
+    if not isinstance(smoke, dict) or not isinstance(smoke.get("features"), dict):
+        raise ValueError("smoke must be an object with the features of one row")
+    tolerance = smoke.get("tolerance")
+    if not isinstance(tolerance, (int, float)) or isinstance(tolerance, bool) or not 0 <= tolerance < 1:
+        raise ValueError("smoke.tolerance must be a number in [0, 1)")
+    if task == "classifier":
+        probabilities = smoke.get("probabilities")
+        if smoke.get("prediction") not in classes or not isinstance(probabilities, dict) or sorted(
+                probabilities) != sorted(str(c) for c in classes):
+            raise ValueError("smoke.prediction must be one of the classes, with a probability for each class")
+    elif not isinstance(smoke.get("prediction"), (int, float)) or isinstance(smoke.get("prediction"), bool):
+        raise ValueError("smoke.prediction of a regressor must be a number")
 
 
 @dataclass
@@ -580,6 +604,53 @@ def _check_output(path: Path, manifest: Manifest, engine: Engine, check: Check) 
             f"the {engine.name} engine returns shape {out.shape} for one row, the manifest implies {expected}",
             "rebuild the package",
         )
+    if manifest.smoke is not None:
+        row = dict(zip(manifest.feature_names, reference_row(manifest.features, manifest.reference), strict=True))
+        if manifest.smoke["features"] != row:
+            raise PackageError(
+                path,
+                "manifest",
+                f"smoke.features {manifest.smoke['features']} is not the row of the reference statistics {row}",
+                "rebuild it with mlapi package",
+            )
+        answer = smoke_answer(manifest.task, manifest.classes, out[0], manifest.smoke["tolerance"])
+        differs = smoke_differs(manifest.smoke, answer)
+        if differs:
+            raise PackageError(
+                path,
+                check,
+                f"the {engine.name} engine answers the smoke row {manifest.smoke['features']} with {differs}",
+                "find what changed since the package was built (a library or the files), or rebuild it",
+            )
+
+
+def smoke_answer(task: str, classes: list[Any] | None, output: np.ndarray, tolerance: float) -> dict[str, Any]:
+    """One row's answer as the manifest records it: the label and each class's probability, or the value."""
+    if task == "classifier":
+        assert classes is not None
+        return {"prediction": _plain(classes[int(np.argmax(output))]),
+                "probabilities": {str(c): float(p) for c, p in zip(classes, output, strict=True)},
+                "tolerance": tolerance}
+    return {"prediction": float(output), "tolerance": tolerance}
+
+
+def smoke_differs(recorded: dict[str, Any], answer: dict[str, Any]) -> str | None:
+    """How an answer to the smoke row differs from the recorded one, beyond the tolerance; None when it agrees.
+
+    A classifier's label may differ only where the recorded probabilities of both labels tie within it."""
+    tolerance = recorded["tolerance"]
+    if "probabilities" in recorded:
+        p, q = recorded["probabilities"], answer["probabilities"]
+        worst = max(abs(p[c] - q[c]) for c in p)
+        tie = abs(p[str(answer["prediction"])] - p[str(recorded["prediction"])]) <= tolerance
+        if worst > tolerance or (answer["prediction"] != recorded["prediction"] and not tie):
+            return (f"{answer['prediction']!r} (probabilities {q}), where it was {recorded['prediction']!r} "
+                    f"(probabilities {p}) when packaged (tolerance {tolerance})")
+        return None
+    expected, got = recorded["prediction"], answer["prediction"]
+    if abs(got - expected) / max(1.0, abs(expected)) > tolerance:
+        return f"{got!r}, where it was {expected!r} when packaged (relative tolerance {tolerance})"
+    return None
 
 
 # ---------------------------------------------------------------- building
@@ -983,6 +1054,17 @@ def build_package(
             strings = [f.name for f in features if f.type == "string"]
             onnx_record["reason"] = f"with string features {strings}: {onnx_record['reason']}"
 
+    reference = reference_statistics(batch.codes, features)
+    smoke_row = schema.smoke_batch(reference).X
+    smoke = {"features": dict(zip(names, reference_row(features, reference), strict=True)),
+             **smoke_answer(task, classes, SklearnEngine(estimator, task).run(smoke_row)[0], onnx_tolerance)}
+    if onnx_bytes is not None:
+        kept = OnnxEngine(onnx_bytes, task, output=onnx_record.get("output")).run(smoke_row)[0]
+        differs = smoke_differs(smoke, smoke_answer(task, classes, kept, onnx_tolerance))
+        if differs:  # the equivalence gate covers the sample; the gates score this row too
+            onnx_bytes = None
+            onnx_record = {**onnx_record, "kept": False, "reason": f"on the smoke row ONNX answers {differs}"}
+
     buffer = io.BytesIO()
     joblib.dump(estimator, buffer, compress=0)  # uncompressed: loads fastest
     files = {MODEL_JOBLIB: buffer.getvalue()}
@@ -998,9 +1080,10 @@ def build_package(
         versions=runtime_versions(),
         files={filename: _sha256(data) for filename, data in files.items()},
         metrics=dict(metrics or {}),
-        reference=reference_statistics(batch.codes, features),
+        reference=reference,
         onnx=onnx_record,
         input="frame" if frame else "array",
+        smoke=smoke,
     )
 
     parent = final.parent

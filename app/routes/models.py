@@ -27,6 +27,8 @@ def version_info(registry: ModelRegistry, served: ServedModel, model: LoadedMode
         "metrics": m.metrics,
         "runtime_versions": m.versions,
         "onnx": m.onnx,
+        # The row the deploy gates send, and the answer recorded when the package was built (null before).
+        "smoke": m.smoke,
         "weight": served.weights.get(model.version, 0.0),
         "shadow": served.shadow == model.version,
         "drift": registry.drift(model).status(),

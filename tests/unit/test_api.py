@@ -222,6 +222,8 @@ def test_models_lists_manifest_data_engine_and_drift(client):
     assert v1["engine"] in {"onnx", "sklearn"}
     assert "validation_accuracy" in v1["metrics"]
     assert v1["drift"]["method"] == "psi"
+    # The row the deploy gates send, with the answer recorded when the package was built.
+    assert list(v1["smoke"]["features"]) == list(IRIS_ROW) and v1["smoke"]["prediction"] in v1["classes"]
 
 
 def test_health_and_readiness(client):

@@ -187,6 +187,27 @@ def test_discover_sorts_versions_naturally_and_ignores_unfinished_folders(tmp_pa
     assert discover(tmp_path) == {"m": ["1", "2", "10"]}
 
 
+@pytest.mark.parametrize("name", ["iris", "iris-logreg", "diabetes", "churn"])
+def test_the_manifest_records_a_smoke_row_with_the_answer_of_the_estimator(demo_models: Path, name: str):
+    import pandas as pd
+
+    from app.validation import reference_row
+
+    manifest = Manifest.from_dict(_manifest(demo_models / name / "1"))
+    smoke = manifest.smoke
+    assert smoke is not None
+    assert smoke["features"] == dict(zip(manifest.feature_names, reference_row(manifest.features, manifest.reference),
+                                         strict=True))
+    estimator = joblib.load(demo_models / name / "1" / "model.joblib")
+    row = pd.DataFrame([smoke["features"]]) if manifest.input == "frame" else np.array([list(smoke["features"].values())])
+    if manifest.task == "classifier":
+        assert smoke["prediction"] == estimator.predict(row)[0]
+        assert list(smoke["probabilities"].values()) == pytest.approx(estimator.predict_proba(row)[0].tolist(), abs=1e-12)
+    else:
+        assert smoke["prediction"] == pytest.approx(float(estimator.predict(row)[0]), rel=1e-12)
+    assert smoke["tolerance"] == 1e-5
+
+
 # ---------------------------------------------------------------- the gate
 
 
@@ -505,3 +526,41 @@ class _Exploit:
 
     def __reduce__(self):
         return (shutil.copyfile, ("/dev/null", self.marker))
+
+
+@pytest.mark.parametrize("check", ["onnx", "estimator"])
+def test_a_package_whose_engine_answers_its_smoke_row_otherwise_is_refused(package: Path, check: str):
+    data = _manifest(package)
+    if check == "estimator":  # no model.onnx: scikit-learn serves
+        (package / "model.onnx").unlink()
+        del data["files"]["model.onnx"]
+        data["onnx"] = {**data["onnx"], "kept": False, "reason": "removed"}
+    answered = data["smoke"]["prediction"]
+    other = next(c for c in data["classes"] if c != answered)
+    data["smoke"]["probabilities"] = {answered: 0.0, other: 1.0, **{c: 0.0 for c in data["classes"]
+                                                                      if c not in (answered, other)}}
+    data["smoke"]["prediction"] = other
+    _write_manifest(package, data)
+    refusal = _refused(package, check)
+    assert "smoke row" in str(refusal) and repr(other) in str(refusal) and repr(answered) in str(refusal)
+
+
+def test_a_package_from_before_the_smoke_row_loads_and_checks_the_shape_only(package: Path):
+    data = _manifest(package)
+    del data["smoke"]
+    _write_manifest(package, data)
+    model = load_package(package)
+    assert model.manifest.smoke is None and model.engine.name == "onnx"
+
+
+@pytest.mark.parametrize(("change", "problem"), [
+    (lambda s: s["features"].pop("petal_width"), "is not the row of the reference statistics"),
+    (lambda s: s["features"].update(petal_width=9.9), "is not the row of the reference statistics"),
+    (lambda s: s.update(tolerance="tight"), "smoke.tolerance must be a number"),
+    (lambda s: s.update(prediction="lily"), "smoke.prediction must be one of the classes"),
+])
+def test_a_malformed_smoke_row_is_refused_naming_what_is_wrong(package: Path, change, problem: str):
+    data = _manifest(package)
+    change(data["smoke"])
+    _write_manifest(package, data)
+    assert problem in str(_refused(package, "manifest"))
