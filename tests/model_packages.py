@@ -120,6 +120,20 @@ def odd_names_package(models_dir: Path, name: str, version: str) -> Path:
                          feature_names=ODD_FEATURES)
 
 
+IRIS_COLUMNS = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
+
+
+def iris_package(models_dir: Path, name: str, version: str, features: list[str]) -> Path:
+    """An iris classifier fitted on the named columns in that order: any order of IRIS_COLUMNS, and
+    petal_ratio (petal length / petal width) as a fifth."""
+    iris = load_iris()
+    columns = dict(zip(IRIS_COLUMNS, iris.data.T, strict=True))
+    columns["petal_ratio"] = columns["petal_length"] / columns["petal_width"]
+    X = np.column_stack([columns[f] for f in features])
+    model = LogisticRegression(max_iter=2000).fit(X, iris.target_names[iris.target])
+    return build_package(model, name=name, version=version, models_dir=models_dir, sample=X, feature_names=features)
+
+
 class BrokenTagsClassifier(LogisticRegression):
     """An estimator whose loading raises what no check of the gate anticipates: its scikit-learn tags fail."""
 

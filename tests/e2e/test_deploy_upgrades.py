@@ -16,8 +16,9 @@ from deploy import (
     run_playbook,
     wait_until_every_instance_serves,
 )
-from load import record_load
+from load import IRIS, record_load
 
+from tests.model_packages import iris_package
 from tests.servers import mlapi
 
 pytestmark = pytest.mark.e2e
@@ -53,6 +54,27 @@ def test_model_version_deploy_under_load(sandbox, provisioned, tmp_path):
         assert client.post("/v1/predict", json={"features": {"sepal_length": 5.1, "sepal_width": 3.5,
                                                              "petal_length": 1.4, "petal_width": 0.2}}
                            ).json()["version"] == "2"
+    assert load.result.failed == 0, load.result.summary()
+
+
+def test_a_version_with_its_features_reordered_deploys_under_load(sandbox, provisioned, tmp_path):
+    """The request contract follows the version a reload brings in: requests by name never fail during the
+    switch, a list in the new version's order is scored by it, and /openapi.json shows its order."""
+    packages = tmp_path / "models"
+    order = ["petal_width", "petal_length", "sepal_width", "sepal_length"]
+    iris_package(packages, "iris", "4", order)
+    with continuous_client(sandbox) as load:
+        run = run_playbook(sandbox, "deploy-model.yml", {"app_models_src": str(packages)},
+                           label="deploy-model-reordered")
+    record_load("model version with its features reordered (deploy-model.yml)", load.result)
+    assert run.returncode == 0, f"deploy-model.yml failed (log: {run.log}):\n{run.tail()}"
+    with https(sandbox) as client:
+        by_name = client.post("/v1/predict", json=IRIS)
+        as_list = client.post("/v1/predict", json={"features": [IRIS["features"][f] for f in order]})
+        shown = client.get("/openapi.json").json()["components"]["schemas"]["IrisFeatures"]["properties"]
+    assert [(r.status_code, r.json()["version"], r.json()["prediction"]) for r in (by_name, as_list)] == [
+        (200, "4", "setosa")] * 2
+    assert [p["title"] for p in shown.values()] == order
     assert load.result.failed == 0, load.result.summary()
 
 

@@ -21,12 +21,9 @@ import httpx
 import joblib
 import numpy as np
 import pytest
-from sklearn.datasets import load_iris
-from sklearn.linear_model import LogisticRegression
 
-from app.packaging import build_package
 from app.schemas import _class_name
-from tests.model_packages import drop_the_bin_edges, read_manifest
+from tests.model_packages import drop_the_bin_edges, iris_package, read_manifest
 from tests.servers import Gunicorn, gunicorn, wait_for
 from tests.unit.conftest import IRIS_ROW
 
@@ -57,16 +54,6 @@ def live(demo_models: Path) -> Iterator[Live]:
             yield Live(server, models)
     finally:
         shutil.rmtree(base)
-
-
-def _iris_package(models: Path, name: str, version: str, features: list[str]) -> Path:
-    """An iris classifier fitted on the named columns, in that order (petal_ratio is petal length / width)."""
-    iris = load_iris()
-    columns = dict(zip(["sepal_length", "sepal_width", "petal_length", "petal_width"], iris.data.T, strict=True))
-    columns["petal_ratio"] = columns["petal_length"] / columns["petal_width"]
-    X = np.column_stack([columns[f] for f in features])
-    model = LogisticRegression(max_iter=2000).fit(X, iris.target_names[iris.target])
-    return build_package(model, name=name, version=version, models_dir=models, sample=X, feature_names=features)
 
 
 def _reload(server: Gunicorn) -> None:
@@ -126,7 +113,7 @@ def _assert_serves(server: Gunicorn, name: str, package: Path, default: bool = F
 
 
 def test_a_new_model_gets_its_routes(live):
-    package = _iris_package(live.models, "blossom", "1", list(reversed(IRIS_ROW)))
+    package = iris_package(live.models, "blossom", "1", list(reversed(IRIS_ROW)))
     before = httpx.post(live.server.url + "/v1/models/blossom/predict", json={"features": IRIS_ROW}, timeout=30)
     assert before.status_code == 404
     _reload(live.server)
@@ -135,7 +122,7 @@ def test_a_new_model_gets_its_routes(live):
 
 
 def test_a_version_with_one_more_feature_is_scored_with_it(live):
-    package = _iris_package(live.models, "iris", "2", [*IRIS_ROW, "petal_ratio"])
+    package = iris_package(live.models, "iris", "2", [*IRIS_ROW, "petal_ratio"])
     _reload(live.server)
     _assert_serves(live.server, "iris", package, default=True)
     # A request of the old contract is told what is missing; it is not scored.
@@ -144,14 +131,14 @@ def test_a_version_with_one_more_feature_is_scored_with_it(live):
 
 
 def test_a_version_with_its_features_reordered_never_answers_the_old_order(live):
-    package = _iris_package(live.models, "iris", "3", ["petal_ratio", *reversed(IRIS_ROW)])
+    package = iris_package(live.models, "iris", "3", ["petal_ratio", *reversed(IRIS_ROW)])
     _reload(live.server)
     _assert_serves(live.server, "iris", package, default=True)
 
 
 def test_a_newest_version_the_gate_refuses_shapes_nothing(live):
     # Version 4 takes the four iris features; the schema must go on showing the five of version 3.
-    drop_the_bin_edges(_iris_package(live.models, "iris", "4", list(IRIS_ROW)))
+    drop_the_bin_edges(iris_package(live.models, "iris", "4", list(IRIS_ROW)))
     _reload(live.server)
     _assert_serves(live.server, "iris", live.models / "iris" / "3", default=True)
     refusals = httpx.get(live.server.url + "/v1/models/iris", timeout=30).json()["refused"]
