@@ -61,7 +61,11 @@ UserId = Annotated[
 ]
 VersionOverride = Annotated[
     str | None,
-    Header(alias="X-Model-Version", max_length=MODEL_VERSION_MAX_LENGTH, description="Serve this model version, bypassing the weights."),
+    Header(
+        alias="X-Model-Version",
+        max_length=MODEL_VERSION_MAX_LENGTH,
+        description="Serve this model version, bypassing the weights.",
+    ),
 ]
 
 

@@ -18,6 +18,7 @@ Common reading: below 0.1 stable, 0.1-0.2 moderate shift, 0.2 or more drifted.
 from __future__ import annotations
 
 import threading
+from itertools import pairwise
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -120,7 +121,7 @@ def check_reference(reference: Any, features: list[Any]) -> None:
         edges, shares, mean = stats.get("bin_edges"), stats.get("proportions"), stats.get("mean")
         if not _finite_numbers(edges):
             raise ValueError(f"reference.{name}.bin_edges must be a list of finite numbers")
-        if any(b <= a for a, b in zip(edges, edges[1:])):
+        if any(b <= a for a, b in pairwise(edges)):
             raise ValueError(f"reference.{name}.bin_edges must be strictly increasing")
         if not _finite_numbers(shares) or len(shares) != len(edges) + 1:
             raise ValueError(

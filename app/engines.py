@@ -76,7 +76,9 @@ class OnnxEngine:
             self._feeds = [(i.name, _ONNX_INPUT_DTYPES[i.type]) for i in inputs]
         except KeyError:
             types = sorted({i.type for i in inputs})
-            raise ValueError(f"the ONNX model's input types {types} are not float, double, int64, bool or string") from None
+            raise ValueError(
+                f"the ONNX model's input types {types} are not float, double, int64, bool or string"
+            ) from None
         self.input_name, self.input_dtype = self._feeds[0]
         if len(inputs) == 1 and self.input_dtype not in (np.float32, np.float64):
             raise ValueError(f"the ONNX model's one input is {inputs[0].type}, not float or double")

@@ -23,7 +23,7 @@ from pathlib import Path
 # Make `import app` work however gunicorn was started.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from app.settings import SettingsError, load_settings  # noqa: E402
+from app.settings import SettingsError, load_settings
 
 try:
     _settings = load_settings()
@@ -47,7 +47,7 @@ if not os.environ.get("MLAPI_MASTER_STARTED"):
             _entry.unlink(missing_ok=True)
 
 from app.logs import get_logger, logging_config  # noqa: E402
-from app.main import create_app
+from app.main import create_app  # noqa: E402
 
 bind = [_settings.bind]
 workers = _settings.workers

@@ -71,7 +71,7 @@ class Scored:
         if self.probabilities is None:
             return None
         classes = [str(c) for c in self.model.classes or []]
-        return [dict(zip(classes, row)) for row in self.probabilities.tolist()]
+        return [dict(zip(classes, row, strict=True)) for row in self.probabilities.tolist()]
 
 
 _rows_since_refresh: dict[tuple[str, str], int] = {}
@@ -123,7 +123,7 @@ def count_predictions(model: LoadedModel, labels: np.ndarray) -> None:
         labelled(PREDICTIONS, model.name, model.version, str(labels[0])).inc()
     elif model.task == "classifier":
         values, counts = np.unique(labels.astype(str), return_counts=True)
-        for value, count in zip(values.tolist(), counts.tolist()):
+        for value, count in zip(values.tolist(), counts.tolist(), strict=True):
             labelled(PREDICTIONS, model.name, model.version, value).inc(count)
     else:
         labelled(PREDICTIONS, model.name, model.version, "").inc(len(labels))

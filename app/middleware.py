@@ -11,9 +11,10 @@ returned in the X-Client-Request-ID response header.
 from __future__ import annotations
 
 import ipaddress
+import logging
+import random
 import re
 import time
-import random
 from collections.abc import Iterable
 from functools import lru_cache
 from typing import Any
@@ -25,8 +26,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app.errors import error_body
 from app.logs import ACCESS_LOGGER, get_logger, request_id_var
 from app.metrics import LATENCY, REQUESTS, labelled
-
-import logging
 
 access_log = logging.getLogger(ACCESS_LOGGER)
 log = get_logger("http")

@@ -896,7 +896,7 @@ def _convert_onnx(
                 "precision": record["precision"],
                 "output": record["output"],
                 "tolerance": tolerance,
-                "checked_rows": int(len(X)),
+                "checked_rows": len(X),
             }
         attempts.append(record)
         if "max_abs_diff" not in record:
@@ -907,7 +907,7 @@ def _convert_onnx(
         "reason": "; ".join(a["reason"] for a in attempts),
         "max_abs_diff": min(diffs) if diffs else None,
         "tolerance": tolerance,
-        "checked_rows": int(len(X)),
+        "checked_rows": len(X),
     }
 
 

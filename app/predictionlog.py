@@ -22,6 +22,7 @@ none), recycled workers leave no files behind, and the files stay bounded: the p
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import logging
@@ -187,10 +188,8 @@ class FileSink:
                     os.unlink(self.path)
                 else:
                     for n in range(self.backups - 1, 0, -1):
-                        try:
+                        with contextlib.suppress(FileNotFoundError):
                             os.replace(f"{self.path}.{n}", f"{self.path}.{n + 1}")
-                        except FileNotFoundError:
-                            pass
                     os.replace(self.path, f"{self.path}.1")
             self.close()
             self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -344,8 +343,9 @@ class PredictionLog:
         redacted = [name for name in names if name in self.redact]
         probabilities = scored.probability_maps()
         instances = []
-        for row, prediction, probs in zip(pending.X.tolist(), scored.predictions(), probabilities or repeat(None)):
-            inputs = dict(zip(names, row))
+        for row, prediction, probs in zip(pending.X.tolist(), scored.predictions(), probabilities or repeat(None),
+                                          strict=False):  # repeat(None) never ends
+            inputs = dict(zip(names, row, strict=True))
             for name in redacted:
                 inputs[name] = REDACTED
             instances.append({"inputs": inputs, "prediction": prediction, "probabilities": probs})

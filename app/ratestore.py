@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any
+from typing import Any, ClassVar
 
 from limits.storage import RedisStorage
 
@@ -72,7 +72,7 @@ class GuardedRedisStorage(RedisStorage):
     an empty store would: the request is within its limits.
     """
 
-    STORAGE_SCHEME = [_SCHEME_PREFIX + s for s in ("redis", "rediss", "redis+unix")]
+    STORAGE_SCHEME: ClassVar[list[str]] = [_SCHEME_PREFIX + s for s in ("redis", "rediss", "redis+unix")]
 
     def __init__(self, uri: str, breaker: StoreBreaker, **options: Any) -> None:
         self.breaker = breaker

@@ -183,27 +183,36 @@ class Settings(BaseSettings):
 
     # Process model (read by app/gunicorn_conf.py)
     bind: str = Field("127.0.0.1:8000", description="gunicorn bind address: host:port or unix:/path.")
-    workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, description="gunicorn worker processes (default: CPU count).")
+    workers: int = Field(
+        default_factory=lambda: os.cpu_count() or 1, ge=1, description="gunicorn worker processes (default: CPU count)."
+    )
     max_requests: int = Field(10000, ge=0, description="Requests after which a worker is recycled (0: never).")
     max_requests_jitter: int = Field(1000, ge=0, description="Random jitter added to max_requests.")
     timeout: int = Field(30, ge=1, description="Seconds a silent worker lives before it is killed.")
     graceful_timeout: int = Field(30, ge=1, description="Seconds a worker gets to finish requests on reload/stop.")
-    keepalive: int = Field(75, ge=1, description="Keep-alive seconds; longer than NGINX's upstream keepalive_timeout (60s).")
+    keepalive: int = Field(
+        75, ge=1, description="Keep-alive seconds; longer than NGINX's upstream keepalive_timeout (60s)."
+    )
     retire_grace: float = Field(
-        1.0, ge=0, description=(
+        1.0,
+        ge=0,
+        description=(
             "Seconds a retiring worker (recycled, reloaded, stopped) keeps an idle kept-alive connection open "
             "for a request already on its way, answered with Connection: close."
         ),
     )
     limit_concurrency: int = Field(
-        256, ge=0, description=(
-            "Connections or requests in flight per worker above which a request is answered 503 at once "
-            "(0: no limit)."
+        256,
+        ge=0,
+        description=(
+            "Connections or requests in flight per worker above which a request is answered 503 at once (0: no limit)."
         ),
     )
     onnx_threads: int = Field(1, ge=1, description="ONNX Runtime intra-op threads per worker.")
     metrics_dir_min_free_bytes: int = Field(
-        16 * 1024 * 1024, ge=0, description=(
+        16 * 1024 * 1024,
+        ge=0,
+        description=(
             "Free bytes on the filesystem of PROMETHEUS_MULTIPROC_DIR below which the master logs a warning "
             "when a worker exits."
         ),

@@ -333,7 +333,7 @@ def reference_row(features: Sequence[Any], reference: dict[str, dict[str, Any]])
             mean = stats.get("mean", 0.0)
             known = f.categories if f.categories is not None and not f.allow_unknown else None
             # A value the model knows: the nearest of its categories to the mean.
-            row.append(int(min(known, key=lambda c: (abs(c - mean), c))) if known else int(round(mean)))
+            row.append(int(min(known, key=lambda c: (abs(c - mean), c))) if known else round(mean))
         else:
             row.append(round(float(stats.get("mean", 0.0)), 3))
     return row

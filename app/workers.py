@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from typing import Any
+from typing import Any, ClassVar
 
 import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -113,7 +113,7 @@ class GracefulHttpToolsProtocol(HttpToolsProtocol):
 class GracefulWorker(UvicornWorker):
     """``worker_class`` of app/gunicorn_conf.py."""
 
-    CONFIG_KWARGS = {"loop": "auto", "http": GracefulHttpToolsProtocol}
+    CONFIG_KWARGS: ClassVar[dict[str, Any]] = {"loop": "auto", "http": GracefulHttpToolsProtocol}
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         settings = get_settings()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from app.gunicorn_conf import *  # noqa: E402,F403  the same bind, workers, worker class, timeouts
+from app.gunicorn_conf import *  # noqa: F403  the same bind, workers, worker class, timeouts
 
 preload_app = False
 

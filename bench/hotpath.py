@@ -124,7 +124,7 @@ def over_http(args: argparse.Namespace) -> dict:
     # Ratios per round (each against the ceiling of the same round), then the median.
     figures: dict = {}
     for name in runs:
-        pairs = list(zip(runs[name], runs["ceiling"]))
+        pairs = list(zip(runs[name], runs["ceiling"], strict=True))  # one run of each per round
         figures[name] = {
             "rps": statistics.median(r["rps"] for r in runs[name]),
             "cpu_ms_per_request": statistics.median(r["cpu_ms_per_request"] for r in runs[name]),
@@ -182,7 +182,7 @@ def _in_process(args: argparse.Namespace) -> dict:
     runs: dict[str, list[float]] = {name: [] for name, _, _ in contenders}
 
     async def measure() -> None:
-        for name, app, path in contenders:  # warm-up: first-request costs (route compilation, caches)
+        for _name, app, path in contenders:  # warm-up: first-request costs (route compilation, caches)
             await cpu_per_request(app, path, body, 200, args.concurrency)
         for round_index in range(args.rounds):
             order = contenders[round_index % len(contenders):] + contenders[:round_index % len(contenders)]

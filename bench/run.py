@@ -32,7 +32,7 @@ import tempfile
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -264,7 +264,7 @@ def batch_rows(size: int) -> list[dict[str, float]]:
     from sklearn.datasets import load_iris
 
     data = load_iris().data
-    return [dict(zip(FEATURES, map(float, data[i % len(data)]))) for i in range(size)]
+    return [dict(zip(FEATURES, map(float, data[i % len(data)]), strict=True)) for i in range(size)]
 
 
 def batch_body(size: int) -> bytes:
@@ -775,7 +775,7 @@ def plots(results: dict, directory: Path) -> list[str]:
     written = []
     single = results["single"]
     fig, axes = plt.subplots(1, len(single), figsize=(11, 4), sharey=True)
-    for ax, (model, by_c) in zip(np.atleast_1d(axes), single.items()):
+    for ax, (model, by_c) in zip(np.atleast_1d(axes), single.items(), strict=True):
         width = 0.8 / len(by_c)
         for i, (c, row) in enumerate(by_c.items()):
             ax.bar(np.arange(len(CONTENDERS)) + i * width, [row[x]["rps"] for x in CONTENDERS], width,
@@ -875,7 +875,7 @@ def main(argv: list[str] | None = None) -> int:
         "meta": {
             "command": "bench/run.py" + (" --quick" if args.quick else ""),
             "quick": args.quick,
-            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
                                      text=True).stdout.strip(),
             "host": host_info(),

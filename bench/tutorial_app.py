@@ -38,5 +38,5 @@ async def predict(request: PredictRequest):
     probabilities = model.predict_proba(X)[0]
     return {
         "prediction": str(prediction),
-        "probabilities": {str(c): float(p) for c, p in zip(model.classes_, probabilities)},
+        "probabilities": {str(c): float(p) for c, p in zip(model.classes_, probabilities, strict=True)},
     }

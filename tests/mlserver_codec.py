@@ -20,7 +20,8 @@ import pandas as pd
 from mlserver.codecs import PandasCodec
 
 given = json.load(sys.stdin)
-frame = pd.DataFrame({name: pd.Series(values, dtype=given["dtypes"][name]) for name, values in given["columns"].items()})
+frame = pd.DataFrame({name: pd.Series(values, dtype=given["dtypes"][name])
+                      for name, values in given["columns"].items()})
 print(PandasCodec.encode_request(frame).model_dump_json(exclude_none=True))
 """
 
@@ -31,8 +32,12 @@ def pandas_codec_request(frame: Any) -> dict[str, Any]:
         "dtypes": {name: str(frame[name].dtype) for name in frame.columns},
     }
     done = subprocess.run(
-        [str(client_python("mlserver")), "-c", _ENCODE], input=json.dumps(given), capture_output=True, text=True,
-        timeout=300, check=False,
+        [str(client_python("mlserver")), "-c", _ENCODE],
+        input=json.dumps(given),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     if done.returncode != 0:
         raise RuntimeError(f"MLServer's PandasCodec failed: {done.stderr[-2000:]}")

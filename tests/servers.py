@@ -115,7 +115,7 @@ class Process:
 
     def __init__(self, argv: list[str], env: dict[str, str] | None = None, cwd: Path = ROOT, log: Path | None = None):
         self.log_path = log or Path(tempfile.mkstemp(prefix="mlapi-proc-", suffix=".log")[1])
-        self._log = open(self.log_path, "ab")
+        self._log = open(self.log_path, "ab")  # noqa: SIM115  open while the process runs; stop() closes it
         self.proc = subprocess.Popen(
             argv, env=env, cwd=cwd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
         )
@@ -211,7 +211,7 @@ class RedisServer(Process):
             with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
                 s.sendall(b"PING\r\n")
                 answer = s.recv(64)
-                return answer.startswith(b"+PONG") or answer.startswith(b"-NOAUTH")
+                return answer.startswith((b"+PONG", b"-NOAUTH"))
 
         try:
             wait_for(up, 20, what="redis-server")

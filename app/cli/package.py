@@ -119,7 +119,9 @@ def _typed_column(path: Path, name: str, cells: list[str], kind: str) -> np.ndar
         if not math.isfinite(value):
             raise UsageError(f"{path} line {line}, column {name!r}: {cell!r} is not a finite number")
         if kind == "int" and value != int(value):
-            raise UsageError(f"{path} line {line}, column {name!r}: {cell!r} is not a whole number (the feature is an int)")
+            raise UsageError(
+                f"{path} line {line}, column {name!r}: {cell!r} is not a whole number (the feature is an int)"
+            )
         values.append(value)
     return np.asarray(values, dtype=np.int64 if kind == "int" else np.float64)
 
@@ -183,8 +185,9 @@ def _named_types(pairs: list[str], features: list[str]) -> dict[str, str]:
         if name not in features:
             close = difflib.get_close_matches(name, features, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise UsageError(f"--feature-type {pair}: {name!r} is not a feature of the model{hint}; its features "
-                             f"are {features}")
+            raise UsageError(
+                f"--feature-type {pair}: {name!r} is not a feature of the model{hint}; its features are {features}"
+            )
         out[name] = kind
     return out
 

@@ -18,7 +18,7 @@ LINE_SECONDS = 5.0
 
 
 def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
+    seconds = round(seconds)
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else (
         f"{seconds // 60}:{seconds % 60:02d}"
     )

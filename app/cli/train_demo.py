@@ -165,7 +165,7 @@ def train_and_package(name: str, models_dir: Path, version: str, force: bool) ->
     )
     model = make_estimator().fit(X_train, y_train)
     metrics = {**score(model, X_train, y_train, "train"), **score(model, X_valid, y_valid, "validation")}
-    metrics.update(train_rows=int(len(X_train)), validation_rows=int(len(X_valid)))
+    metrics.update(train_rows=len(X_train), validation_rows=len(X_valid))
     path = build_package(
         model,
         name=name,

@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-
 from app.cli.arguments import positive_int
 from app.packaging import PackageError, load_package
 

@@ -186,9 +186,12 @@ def _replay(messages: list[Message], receive: Receive) -> Receive:
     return replayed
 
 
-def build_router(manifests: dict[str, Manifest], default: str | None, settings: Settings, limiter: Limiter) -> APIRouter:
-    router = APIRouter(prefix="/v1", tags=["predict"], dependencies=[ApiKey], responses=ERROR_RESPONSES,
-                       route_class=PredictRoute)
+def build_router(
+    manifests: dict[str, Manifest], default: str | None, settings: Settings, limiter: Limiter
+) -> APIRouter:
+    router = APIRouter(
+        prefix="/v1", tags=["predict"], dependencies=[ApiKey], responses=ERROR_RESPONSES, route_class=PredictRoute
+    )
     # One budget per client across every prediction route.
     limit = shared_limit(limiter, settings, settings.rate_limit_predict, "predict")
 
@@ -200,11 +203,28 @@ def build_router(manifests: dict[str, Manifest], default: str | None, settings: 
             paths = [f"/models/{name}{suffix}"] + ([f"{suffix}"] if name == default else [])
             for path in paths:
                 _add_route(router, path, name, body_type, limit, settings, batch=batch, versioned=False)
-            _add_route(router, f"/models/{name}/versions/{{version}}{suffix}", name, body_type, limit,
-                       settings, batch=batch, versioned=True)
+            _add_route(
+                router,
+                f"/models/{name}/versions/{{version}}{suffix}",
+                name,
+                body_type,
+                limit,
+                settings,
+                batch=batch,
+                versioned=True,
+            )
         # KServe's V1 protocol: {"instances": [...]} in, {"predictions": [...]} out, errors {"error": "..."}.
-        _add_route(router, f"/models/{name}:predict", name, batch_body, limit, settings, batch=True,
-                   versioned=False, kserve=True)
+        _add_route(
+            router,
+            f"/models/{name}:predict",
+            name,
+            batch_body,
+            limit,
+            settings,
+            batch=True,
+            versioned=False,
+            kserve=True,
+        )
 
     async def kserve_unknown_model(request: Request, name: str) -> None:
         # Without this, GET /v1/models/{name} would match the path and answer 405.
@@ -212,11 +232,20 @@ def build_router(manifests: dict[str, Manifest], default: str | None, settings: 
             request.app.state.registry.get(name)
         except UnknownModel as exc:
             raise APIError(404, str(exc), code="model_not_found") from None
-        raise APIError(404, f"model {name!r} has no prediction routes: its manifest could not shape them when "
-                            "the models were loaded; see the log, fix the package and reload", code="model_not_found")
+        raise APIError(
+            404,
+            f"model {name!r} has no prediction routes: its manifest could not shape them when "
+            "the models were loaded; see the log, fix the package and reload",
+            code="model_not_found",
+        )
 
-    router.add_api_route("/models/{name}:predict", kserve_unknown_model, methods=["POST"], include_in_schema=False,
-                         route_class_override=APIRoute)
+    router.add_api_route(
+        "/models/{name}:predict",
+        kserve_unknown_model,
+        methods=["POST"],
+        include_in_schema=False,
+        route_class_override=APIRoute,
+    )
     return router
 
 

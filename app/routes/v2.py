@@ -111,7 +111,10 @@ V2_ERRORS: dict[int | str, dict[str, Any]] = {
     404: {"model": ProtocolError, "description": "Unknown model or version."},
     413: {"model": ProtocolError, "description": "More rows than MLAPI_MAX_BATCH_SIZE, or a body over the limit."},
     415: {"model": ProtocolError, "description": "A Content-Encoding other than gzip or deflate."},
-    422: {"model": ProtocolError, "description": "The body does not match the protocol's schema; the message names the field."},
+    422: {
+        "model": ProtocolError,
+        "description": "The body does not match the protocol's schema; the message names the field.",
+    },
     429: {"model": ProtocolError, "description": "Rate limit exceeded; see Retry-After."},
     503: {"model": ProtocolError, "description": "Not ready: no model loaded or the rate-limit store is down."},
 }
@@ -211,8 +214,11 @@ def _refused(exc: ValidationFailure, single_tensor: str | None) -> APIError:
     first = exc.details[0]
     loc = first["loc"]
     if len(loc) > 1:
-        where = (f"input {single_tensor!r} row {loc[0]}, feature {loc[1]!r}" if single_tensor
-                 else f"input {loc[1]!r} row {loc[0]}")
+        where = (
+            f"input {single_tensor!r} row {loc[0]}, feature {loc[1]!r}"
+            if single_tensor
+            else f"input {loc[1]!r} row {loc[0]}"
+        )
     else:
         where = "inputs"
     more = len(exc.details) - 1
@@ -291,7 +297,9 @@ _TENSOR_TYPES = {"float": "FP64", "int": "INT64", "bool": "BOOL", "string": "BYT
 def _metadata_inputs(model: LoadedModel) -> list[dict[str, Any]]:
     k = len(model.feature_names)
     if model.inputs.numeric:
-        return [{"name": "input-0", "datatype": "FP64", "shape": [-1, k], "parameters": {"features": model.feature_names}}]
+        return [
+            {"name": "input-0", "datatype": "FP64", "shape": [-1, k], "parameters": {"features": model.feature_names}}
+        ]
     return [{"name": f.name, "datatype": _TENSOR_TYPES[f.type], "shape": [-1, 1]} for f in model.manifest.features]
 
 
@@ -368,7 +376,8 @@ def _top_classes(probabilities: np.ndarray, classes: list[Any], k: int) -> np.nd
     """The classification extension: per row the k likeliest classes as "probability:index:label"."""
     order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
     return np.array(
-        [[f"{row[j]:f}:{j}:{classes[j]}" for j in top] for row, top in zip(probabilities, order)], dtype=object
+        [[f"{row[j]:f}:{j}:{classes[j]}" for j in top] for row, top in zip(probabilities, order, strict=True)],
+        dtype=object,
     )
 
 
@@ -461,7 +470,8 @@ class InferRoute(APIRoute):
             request.state.binary_tensor_data = binary
             scope = dict(request.scope)
             scope["headers"] = [
-                (k, v) for k, v in request.scope["headers"]
+                (k, v)
+                for k, v in request.scope["headers"]
                 if k not in (b"content-type", b"content-encoding", b"content-length")
             ] + [(b"content-type", b"application/json")]
             parsed = Request(scope, request.receive)
@@ -536,7 +546,8 @@ def build_router(settings: Settings, limiter: Limiter) -> APIRouter:
         # The version is checked before the body: a refused version costs no decoding.
         served, reference = lookup(registry, name, version)
         request_body = body.model_copy(
-            update={"inputs": _with_binary_inputs(body, getattr(request.state, "binary_tensor_data", b""))})
+            update={"inputs": _with_binary_inputs(body, getattr(request.state, "binary_tensor_data", b""))}
+        )
         # Outputs are checked before scoring: a request the model cannot answer costs no inference.
         requested = _requested_outputs(body, _output_names(reference))
         user = request.headers.get("x-user-id")
@@ -557,21 +568,33 @@ def build_router(settings: Settings, limiter: Limiter) -> APIRouter:
         return _infer_response(request, payload, outputs)
 
     deps = [ApiKey]
-    summaries = {"metadata": "Model metadata", "ready": "Model readiness", "config": "Model configuration",
-                 "infer": "Inference"}
+    summaries = {
+        "metadata": "Model metadata",
+        "ready": "Model readiness",
+        "config": "Model configuration",
+        "infer": "Inference",
+    }
     for suffix in ("", "/versions/{version}"):
         tag = "_versioned" if suffix else ""
         for kind, endpoint, method, limit, extra in (
             ("metadata", metadata, "GET", api_limit, {}),
             ("ready", model_ready, "GET", api_limit, {}),
             ("config", config, "GET", api_limit, {}),
-            ("infer", infer, "POST", predict_limit,
-             {"response_model": InferenceResponse, "route_class_override": InferRoute,
-              "responses": {**V2_ERRORS, 200: BINARY_RESPONSE},
-              "description": "The body is JSON with any Content-Type or none, optionally gzip or deflate "
-              "(Content-Encoding), or the binary tensor data extension's JSON header of "
-              "Inference-Header-Content-Length bytes followed by the tensors. Outputs: predict alone "
-              "unless outputs names predict_proba too."}),
+            (
+                "infer",
+                infer,
+                "POST",
+                predict_limit,
+                {
+                    "response_model": InferenceResponse,
+                    "route_class_override": InferRoute,
+                    "responses": {**V2_ERRORS, 200: BINARY_RESPONSE},
+                    "description": "The body is JSON with any Content-Type or none, optionally gzip or deflate "
+                    "(Content-Encoding), or the binary tensor data extension's JSON header of "
+                    "Inference-Header-Content-Length bytes followed by the tensors. Outputs: predict alone "
+                    "unless outputs names predict_proba too.",
+                },
+            ),
         ):
             operation_id = f"v2_model_{kind}{tag}"
             route_endpoint = _route_endpoint(endpoint, operation_id, versioned=bool(suffix))

@@ -6,6 +6,7 @@ import os
 from collections.abc import Iterator
 
 import pytest
+
 from sandbox import Sandbox
 
 # Tests that bring up and tear down a sandbox of their own run before any test uses the shared one,

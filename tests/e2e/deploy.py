@@ -20,12 +20,12 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from load import IRIS, ContinuousClient, HttpsClient
-from sandbox import Sandbox
-
 from app.cli.train_demo import DEMO_MODELS
 from app.packaging import PackageError, load_package
 from tests.servers import mlapi
+
+from load import IRIS, ContinuousClient, HttpsClient
+from sandbox import Sandbox
 
 ROOT = Path(__file__).resolve().parents[2]
 ANSIBLE_DIR = ROOT / "deploy" / "ansible"

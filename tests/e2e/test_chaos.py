@@ -12,6 +12,9 @@ from collections.abc import Callable
 from contextlib import ExitStack
 
 import pytest
+from test_deploy_resilience import main_pid
+from test_deploy_tls_renewal import serial_after_renewal, served_serial
+
 from deploy import (
     app_host,
     continuous_client,
@@ -21,8 +24,6 @@ from deploy import (
     wait_until_every_instance_serves,
 )
 from load import LoadResult, record_load
-from test_deploy_resilience import main_pid
-from test_deploy_tls_renewal import serial_after_renewal, served_serial
 
 pytestmark = pytest.mark.e2e
 
@@ -108,7 +109,9 @@ def renew_the_certificate(sandbox) -> None:
     before = served_serial(sandbox)
     result = sandbox.ssh(host, forced_renewal_command(sandbox.domain), timeout=300)
     assert result.returncode == 0, f"certbot renew failed:\n{result.stdout}\n{result.stderr}"
-    assert serial_after_renewal(sandbox, before) != before, "HTTPS still serves the old certificate: the deploy hook did not reload NGINX"
+    assert serial_after_renewal(sandbox, before) != before, (
+        "HTTPS still serves the old certificate: the deploy hook did not reload NGINX"
+    )
 
 
 STORE_UNIT = "redis-server.service"
@@ -126,8 +129,9 @@ def _store_fault(sandbox, begin: str, end: str) -> None:
     pid = main_pid(sandbox, host, STORE_UNIT)
     sandbox.ssh(host, begin.format(pid=pid), check=True)
     try:
-        wait_for("/healthz/store to say the store does not answer", lambda: store_status(sandbox, host) == "503",
-                 timeout=30)
+        wait_for(
+            "/healthz/store to say the store does not answer", lambda: store_status(sandbox, host) == "503", timeout=30
+        )
         deadline = time.monotonic() + STORE_FAULT_SECONDS
         while time.monotonic() < deadline:
             assert instance_ready(sandbox, app_host(sandbox)), "an instance turned unready over the store's fault"
@@ -152,7 +156,8 @@ def save_the_renewed_lineage(sandbox) -> None:
     run = run_playbook(sandbox, "site.yml", options=("--tags", "certbot"), label="chaos-certbot-save")
     assert run.returncode == 0, f"site.yml --tags certbot failed (log: {run.log}):\n{run.tail()}"
     assert any(task.startswith("certbot : Save the certificate") for task in run.changed_tasks()), (
-        f"the renewed lineage was not saved to the controller (log: {run.log}): {run.changed_tasks()}")
+        f"the renewed lineage was not saved to the controller (log: {run.log}): {run.changed_tasks()}"
+    )
 
 
 ACTIONS: dict[str, Callable] = {
@@ -174,8 +179,11 @@ def test_no_request_fails_during(sandbox, action):
     # An earlier action may have left an instance out of NGINX's rotation for its fail_timeout.
     wait_until_every_instance_serves(sandbox)
     with continuous_client(sandbox, interval=INTERVAL, min_requests=REQUESTS_PER_ACTION) as load:
-        wait_for(f"{REQUESTS_BEFORE_THE_ACTION} requests before the action",
-                 lambda: load.result.sent >= REQUESTS_BEFORE_THE_ACTION, timeout=60)
+        wait_for(
+            f"{REQUESTS_BEFORE_THE_ACTION} requests before the action",
+            lambda: load.result.sent >= REQUESTS_BEFORE_THE_ACTION,
+            timeout=60,
+        )
         ACTIONS[action](sandbox)
     record_load(action, load.result)
     if action in AFTERWARDS:
@@ -184,7 +192,8 @@ def test_no_request_fails_during(sandbox, action):
     assert load.result.failed == 0, (
         f"{action} lost requests: {load.result.summary()}. Find where they were lost (NGINX's error log on the lb "
         "host, `journalctl -u mlapi@1` on the app host) and fix the kit: the unit (deploy/systemd), gunicorn "
-        "(app/gunicorn_conf.py) or NGINX's retries (deploy/nginx/snippets/retry-predictions.conf.j2)")
+        "(app/gunicorn_conf.py) or NGINX's retries (deploy/nginx/snippets/retry-predictions.conf.j2)"
+    )
 
 
 # A reload storm: many keep-alive clients that never retry, NGINX reloaded again and again. Their pace stays under
@@ -203,8 +212,10 @@ def test_a_reload_storm_of_nginx_answers_every_request_it_reads(sandbox):
     require_provisioned(sandbox)
     wait_until_every_instance_serves(sandbox)
     host = sandbox.host(sandbox.ip)
-    clients = [continuous_client(sandbox, interval=STORM_CLIENT_INTERVAL, min_requests=1,
-                                 max_seconds=STORM_SECONDS + 120) for _ in range(STORM_CLIENTS)]
+    clients = [
+        continuous_client(sandbox, interval=STORM_CLIENT_INTERVAL, min_requests=1, max_seconds=STORM_SECONDS + 120)
+        for _ in range(STORM_CLIENTS)
+    ]
     reloads = 0
     with ExitStack() as running:
         for client in clients:  # spread over one interval, so the edge sees a steady rate

@@ -16,6 +16,9 @@ from collections import Counter
 from collections.abc import Iterator
 
 import pytest
+
+from tests.servers import mlapi
+
 from deploy import (
     IRIS,
     PlaybookRun,
@@ -27,8 +30,6 @@ from deploy import (
     wait_until_every_instance_serves,
 )
 from sandbox import Sandbox, SandboxHost
-
-from tests.servers import mlapi
 
 pytestmark = pytest.mark.e2e
 
@@ -116,8 +117,11 @@ def test_app_hosts_listen_on_their_private_address_and_only_the_lb_may_connect(c
         f"{other.name} reached the service port of {app.name}; the firewall must open it to the lb hosts only")
     # The shared Redis answers the app hosts, and only with the password.
     no_password = cluster.sandbox.ssh(
-        app, f"exec 3<>/dev/tcp/{cluster.lb.private_ip}/6379 && printf 'PING\\r\\n' >&3 && read -t 5 -r line <&3; echo $line",
-        timeout=30)
+        app,
+        f"exec 3<>/dev/tcp/{cluster.lb.private_ip}/6379 && printf 'PING\\r\\n' >&3 "
+        "&& read -t 5 -r line <&3; echo $line",
+        timeout=30,
+    )
     assert "NOAUTH" in no_password.stdout, f"Redis answered an unauthenticated PING with {no_password.stdout!r}"
 
 
@@ -130,10 +134,14 @@ def test_prometheus_on_the_lb_host_scrapes_every_instance_and_node_exporter(clus
         # The targets Prometheus scrapes now, not `up` series: those of the package's default
         # configuration (localhost:9100), scraped before the role's replaced it, stay queryable
         # for the 5-minute lookback after the restart.
-        out = cluster.sandbox.ssh(cluster.lb, "curl -sS --fail 'http://127.0.0.1:9090/api/v1/targets?state=active'",
-                                  check=True).stdout
-        return {target["labels"]["instance"] for target in json.loads(out)["data"]["activeTargets"]
-                if target["labels"].get("job") == job and target["health"] == "up"}
+        out = cluster.sandbox.ssh(
+            cluster.lb, "curl -sS --fail 'http://127.0.0.1:9090/api/v1/targets?state=active'", check=True
+        ).stdout
+        return {
+            target["labels"]["instance"]
+            for target in json.loads(out)["data"]["activeTargets"]
+            if target["labels"].get("job") == job and target["health"] == "up"
+        }
 
     deadline = time.monotonic() + 120
     while (up("mlapi"), up("node")) != (expected, expected_nodes) and time.monotonic() < deadline:
@@ -151,8 +159,9 @@ def test_rolling_model_deploy_under_load_reaches_both_hosts_without_a_failed_req
     packages = tmp_path / "models"
     mlapi("train-demo", "--models-dir", packages, "--version", "2", "--only", "iris", check=True)
     with continuous_client(cluster.sandbox) as load:
-        run = run_playbook(cluster.sandbox, "deploy-model.yml", {"app_models_src": str(packages)},
-                           label="cluster-deploy-model")
+        run = run_playbook(
+            cluster.sandbox, "deploy-model.yml", {"app_models_src": str(packages)}, label="cluster-deploy-model"
+        )
     assert run.returncode == 0, f"deploy-model.yml failed (log: {run.log}):\n{run.tail()}"
     for app in cluster.apps:
         assert "2" in cluster.served_versions(app), f"{app.name} does not serve iris version 2"
@@ -167,9 +176,12 @@ def test_a_broken_release_stops_at_the_first_host_which_is_rolled_back(cluster, 
     before = {app.name: cluster.current_release(app) for app in cluster.apps}
     release = release_copy(tmp_path / "release", broken=True)
     with continuous_client(cluster.sandbox) as load:
-        run = run_playbook(cluster.sandbox, "deploy-release.yml",
-                           {"app_src_dir": str(release), "app_release_id": "cluster-broken", "app_gate_retries": 5},
-                           label="cluster-deploy-broken-release")
+        run = run_playbook(
+            cluster.sandbox,
+            "deploy-release.yml",
+            {"app_src_dir": str(release), "app_release_id": "cluster-broken", "app_gate_retries": 5},
+            label="cluster-deploy-broken-release",
+        )
     assert run.returncode != 0, f"a broken release deployed without an error (log: {run.log})"
     assert cluster.current_release(first) == before[first.name], "the first host was not rolled back"
     assert "failed its gate" in run.output, run.tail()
@@ -192,8 +204,13 @@ def test_powering_off_an_app_host_under_load_fails_no_request(cluster):
 
 def test_a_rate_limit_admits_exactly_n_across_both_app_hosts(cluster):
     cluster.require_provisioned()
-    run = run_playbook(cluster.sandbox, "site.yml", {"app_env": {"MLAPI_RATE_LIMIT_PREDICT": f"{RATE_LIMIT}/hour"}},
-                       label="cluster-rate-limit", options=("--tags", "app"))
+    run = run_playbook(
+        cluster.sandbox,
+        "site.yml",
+        {"app_env": {"MLAPI_RATE_LIMIT_PREDICT": f"{RATE_LIMIT}/hour"}},
+        label="cluster-rate-limit",
+        options=("--tags", "app"),
+    )
     assert run.returncode == 0, f"site.yml --tags app failed (log: {run.log}):\n{run.tail()}"
     # No warm-up requests here: each would count. The play's settle time after each restart already put
     # every instance back into NGINX's rotation.
@@ -207,4 +224,5 @@ def test_a_rate_limit_admits_exactly_n_across_both_app_hosts(cluster):
     assert set(hosts) == {app.private_ip for app in cluster.apps}, f"requests reached only {dict(hosts)}"
     assert statuses == {200: RATE_LIMIT, 429: 10}, (
         f"statuses {dict(statuses)} for {RATE_LIMIT + 10} predictions under a limit of {RATE_LIMIT}/hour: the limit "
-        "must hold across both app hosts together (they share the Redis on the lb host)")
+        "must hold across both app hosts together (they share the Redis on the lb host)"
+    )

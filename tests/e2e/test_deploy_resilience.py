@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 import pytest
+
 from deploy import app_host, continuous_client, require_provisioned, wait_until_every_instance_serves
 
 pytestmark = pytest.mark.e2e

@@ -13,6 +13,7 @@ from urllib.parse import quote
 
 import httpx
 import pytest
+
 from deploy import ROOT, app_host, https, provision, require_provisioned, run_playbook
 from load import IRIS
 

@@ -12,9 +12,10 @@ import re
 from dataclasses import dataclass
 
 import pytest
+from test_deploy_tls_renewal import serial_after_renewal, served_serial
+
 from deploy import PlaybookRun, forced_renewal_command, require_provisioned, run_playbook
 from sandbox import STATE_DIR, Sandbox
-from test_deploy_tls_renewal import serial_after_renewal, served_serial
 
 pytestmark = pytest.mark.e2e
 

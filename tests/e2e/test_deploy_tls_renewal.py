@@ -8,6 +8,7 @@ import ssl
 import time
 
 import pytest
+
 from deploy import continuous_client, forced_renewal_command, require_provisioned, wait_until_every_instance_serves
 
 pytestmark = pytest.mark.e2e

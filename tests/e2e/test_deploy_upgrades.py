@@ -6,6 +6,10 @@ from __future__ import annotations
 from urllib.parse import quote
 
 import pytest
+
+from tests.model_packages import iris_package
+from tests.servers import mlapi
+
 from deploy import (
     ROOT,
     app_host,
@@ -17,9 +21,6 @@ from deploy import (
     wait_until_every_instance_serves,
 )
 from load import IRIS, record_load
-
-from tests.model_packages import iris_package
-from tests.servers import mlapi
 
 pytestmark = pytest.mark.e2e
 

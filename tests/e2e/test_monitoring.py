@@ -18,10 +18,11 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from deploy import app_host, https, require_provisioned, run_playbook, wait_until_every_instance_serves
-from load import IRIS
 
 from tests.monitoring import dashboard_queries
+
+from deploy import app_host, https, require_provisioned, run_playbook, wait_until_every_instance_serves
+from load import IRIS
 
 pytestmark = pytest.mark.e2e
 

@@ -12,6 +12,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
 from sandbox import ROOT, Sandbox, host_name
 
 pytestmark = pytest.mark.e2e
@@ -114,21 +115,39 @@ def test_the_host_runs_its_os_with_the_cloud_images_login_user_and_sudo_rule(san
     # The packages of the cloud image that change how apt runs behave.
     expected = ["needrestart", "unattended-upgrades", "ufw"] if sandbox.os_name.startswith("ubuntu") \
         else ["unattended-upgrades"]
-    installed = sandbox.ssh(FIRST_HOST, f"dpkg-query -W -f '${{Package}} ${{db:Status-Abbrev}}\\n' {' '.join(expected)}")
+    installed = sandbox.ssh(
+        FIRST_HOST, f"dpkg-query -W -f '${{Package}} ${{db:Status-Abbrev}}\\n' {' '.join(expected)}"
+    )
     assert {line.split()[0] for line in installed.stdout.splitlines() if line.split()[1:] == ["ii"]} == set(expected), (
-        installed.stdout)
+        installed.stdout
+    )
 
 
 def test_the_inventory_connects_as_the_login_user_and_becomes_root(sandbox: Sandbox) -> None:
     ansible = subprocess.run(
-        [str(ROOT / ".venv/bin/ansible"), "-i", str(sandbox.inventory), FIRST_HOST, "-m", "ansible.builtin.command",
-         "-a", "id -u"],
-        capture_output=True, text=True, timeout=120, env={**os.environ, "ANSIBLE_NOCOLOR": "1",
-                                                          "ANSIBLE_HOST_KEY_CHECKING": "0"},
+        [
+            str(ROOT / ".venv/bin/ansible"),
+            "-i",
+            str(sandbox.inventory),
+            FIRST_HOST,
+            "-m",
+            "ansible.builtin.command",
+            "-a",
+            "id -u",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "ANSIBLE_NOCOLOR": "1", "ANSIBLE_HOST_KEY_CHECKING": "0"},
         stdin=subprocess.DEVNULL,
     )
     assert ansible.returncode == 0 and ansible.stdout.strip().endswith("0"), ansible.stdout + ansible.stderr
-    host_vars = json.loads(subprocess.run(
-        [str(ROOT / ".venv/bin/ansible-inventory"), "-i", str(sandbox.inventory), "--host", FIRST_HOST],
-        capture_output=True, text=True, check=True).stdout)
+    host_vars = json.loads(
+        subprocess.run(
+            [str(ROOT / ".venv/bin/ansible-inventory"), "-i", str(sandbox.inventory), "--host", FIRST_HOST],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
     assert (host_vars["ansible_user"], host_vars["ansible_become"]) == (sandbox.user, True)

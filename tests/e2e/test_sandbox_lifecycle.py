@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from sandbox import PREFIX, STATE_DIR, Sandbox, host_name
 
 pytestmark = pytest.mark.e2e

@@ -13,7 +13,6 @@ import shutil
 import subprocess
 
 import pytest
-from deploy import LOG_DIR, require_provisioned
 from sslyze import (
     CertificateInfoExtraArgument,
     ScanCommand,
@@ -31,6 +30,8 @@ from sslyze.mozilla_tls_profile.tls_config_checker import (
     TlsConfigurationEnum,
     check_server_against_tls_configuration,
 )
+
+from deploy import LOG_DIR, require_provisioned
 
 pytestmark = [
     pytest.mark.e2e,

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+
 @pytest.fixture
 def service_models(demo_models: Path) -> Iterator[Path]:
     """A copy of the demo packages the service user can read (pytest's own temporary folders are root's only)."""

@@ -8,9 +8,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from nginx_helpers import SERVER_NAME, Edge, running_edge
-
 from tests.servers import Gunicorn, gunicorn
+
+from nginx_helpers import SERVER_NAME, Edge, running_edge
 
 
 @contextmanager

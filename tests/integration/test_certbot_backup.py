@@ -204,7 +204,7 @@ def test_an_unusable_backup_is_refused_and_the_host_keeps_its_certificate(site: 
         assert site.run(site.root / "source", "api.test", password="another-password").returncode == 0
         if case == "corrupt vault":
             lines = backup.read_text().splitlines()
-            backup.write_text("\n".join(lines[:3] + ["00" * 40] + lines[4:]) + "\n")
+            backup.write_text("\n".join([*lines[:3], "00" * 40, *lines[4:]]) + "\n")
         expected = "cannot decrypt"
     saved_backup = backup.read_bytes()
     before = tree(host) if host.exists() else {}

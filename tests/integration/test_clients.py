@@ -20,13 +20,14 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.http as triton
-from edge_service import SERVER_NAME, service_behind_edge
 from sklearn.datasets import load_iris
 from tritonclient.utils import InferenceServerException
 
 from app.packaging import load_package
 from tests.client_envs import client_python
 from tests.servers import Process, free_port, gunicorn, wait_for
+
+from edge_service import SERVER_NAME, service_behind_edge
 
 pytestmark = pytest.mark.integration
 
@@ -264,7 +265,7 @@ def test_same_bodies_same_answers_as_mlserver(server, mlserver, case):
     ours = httpx.post(f"{server.url}/v2/models/{model}/infer", content=content, headers=headers, timeout=60)
     theirs = httpx.post(f"{mlserver}/v2/models/{model}/infer", content=content, headers=headers, timeout=60)
     assert _summary(ours) == _summary(theirs), (ours.text, theirs.text)
-    for mine, other in zip(ours.json().get("outputs", []), theirs.json().get("outputs", [])):
+    for mine, other in zip(ours.json().get("outputs", []), theirs.json().get("outputs", []), strict=True):
         # The service may score with ONNX: numbers agree to its equivalence gate's tolerance.
         if mine["datatype"] == "BYTES":
             assert mine["data"] == other["data"]

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from chromium import Browser
 from edge_service import SERVER_NAME, service_behind_edge
 from nginx_helpers import REPO

@@ -19,9 +19,9 @@ import time
 from dataclasses import dataclass, field
 
 import pytest
-from nginx_helpers import ERROR_FIELDS, PREDICT_BODY, SERVER_NAME, wait_until
 
 from edge_service import service_access_lines, service_behind_edge
+from nginx_helpers import ERROR_FIELDS, PREDICT_BODY, SERVER_NAME, wait_until
 
 pytestmark = pytest.mark.integration
 

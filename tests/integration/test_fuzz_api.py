@@ -17,7 +17,6 @@ import requests
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable
-from nginx_helpers import ERROR_FIELDS, SERVER_NAME, Response, wait_until
 from requests.adapters import HTTPAdapter
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
@@ -30,6 +29,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from edge_service import service_behind_edge
+from nginx_helpers import ERROR_FIELDS, SERVER_NAME, Response, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -99,7 +99,7 @@ def schema(session, base_url):
 def _fuzz(operation, mode: GenerationMode, session, base_url: str, certificate: str) -> tuple[int, str | None]:
     """Requests sent for one operation in one generation mode, and the first failure (shrunk)."""
     sent = 0
-    checks = CHECKS + [negative_data_rejection if mode == GenerationMode.NEGATIVE else positive_data_acceptance]
+    checks = [*CHECKS, negative_data_rejection if mode == GenerationMode.NEGATIVE else positive_data_acceptance]
 
     @settings(max_examples=MAX_EXAMPLES, derandomize=True, deadline=None, database=None,
               phases=[Phase.explicit, Phase.generate, Phase.shrink], suppress_health_check=list(HealthCheck),

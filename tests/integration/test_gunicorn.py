@@ -74,9 +74,9 @@ def test_spoofed_forwarded_for_from_an_untrusted_peer_does_not_change_the_key(de
         statuses = [
             _predict(server.url, {"X-Forwarded-For": f"203.0.113.{i}"}).status_code for i in range(10)
         ]
-        lines = [json.loads(l) for l in server.output().splitlines() if '"mlapi.access"' in l]
+        lines = [json.loads(ln) for ln in server.output().splitlines() if '"mlapi.access"' in ln]
     assert statuses == [200] * 5 + [429] * 5
-    assert {l["client_ip"] for l in lines if l["path"] == "/v1/predict"} == {"127.0.0.1"}
+    assert {ln["client_ip"] for ln in lines if ln["path"] == "/v1/predict"} == {"127.0.0.1"}
 
 
 def test_forwarded_for_from_a_trusted_proxy_sets_the_client(demo_models, redis_url):
@@ -91,10 +91,10 @@ def test_forwarded_for_from_a_trusted_proxy_sets_the_client(demo_models, redis_u
     with gunicorn(env, workers=2) as server:
         a = [_predict(server.url, {"X-Forwarded-For": "198.51.100.7"}).status_code for _ in range(3)]
         b = [_predict(server.url, {"X-Forwarded-For": "198.51.100.8"}).status_code for _ in range(2)]
-        lines = [json.loads(l) for l in server.output().splitlines() if '"mlapi.access"' in l]
+        lines = [json.loads(ln) for ln in server.output().splitlines() if '"mlapi.access"' in ln]
     assert a == [200, 200, 429]
     assert b == [200, 200]
-    assert {"198.51.100.7", "198.51.100.8"} <= {l["client_ip"] for l in lines}
+    assert {"198.51.100.7", "198.51.100.8"} <= {ln["client_ip"] for ln in lines}
 
 
 def test_metrics_sum_counts_across_workers(demo_models, redis_url):
@@ -109,7 +109,7 @@ def test_metrics_sum_counts_across_workers(demo_models, redis_url):
         with ThreadPoolExecutor(8) as pool:
             statuses = list(pool.map(lambda _: _predict(server.url).status_code, range(total)))
         text = httpx.get(server.url + "/metrics").text
-        pids = {json.loads(l).get("pid") for l in server.output().splitlines() if '"mlapi.access"' in l}
+        pids = {json.loads(ln).get("pid") for ln in server.output().splitlines() if '"mlapi.access"' in ln}
     assert statuses == [200] * total
     assert len(pids - {None}) >= 2
     counted = metric(text, "mlapi_http_requests_total", route="/v1/predict", status="200", model="iris", version="1")
@@ -171,7 +171,7 @@ def test_sighup_with_a_bad_new_version_keeps_the_old_one_serving(models_copy):
         text = httpx.get(server.url + "/metrics").text
     assert r.status_code == 200
     assert r.json()["version"] == "1"
-    refused = [json.loads(l) for l in log.splitlines() if "model package refused" in l]
+    refused = [json.loads(ln) for ln in log.splitlines() if "model package refused" in ln]
     assert refused[-1]["check"] == "sha256" and refused[-1]["kept_serving"] is False
     assert metric(text, "mlapi_model_load_failures_total", model="iris", version="2", check="sha256") >= 1
 
@@ -219,9 +219,9 @@ def test_every_log_line_is_json_with_the_access_fields(demo_models):
         out = server.output()
     lines = [json.loads(line) for line in out.splitlines() if line.strip()]
     assert lines, "no log lines"
-    access = next(l for l in lines if l.get("request_id") == rid and l.get("logger") == "mlapi.access")
+    access = next(ln for ln in lines if ln.get("request_id") == rid and ln.get("logger") == "mlapi.access")
     for field in ("timestamp", "level", "request_id", "client_ip", "method", "path", "status", "duration_ms",
                   "model", "version", "engine"):
         assert field in access, field
     assert access["status"] == 200 and access["model"] == "iris" and access["engine"] in {"onnx", "sklearn"}
-    assert any(l.get("logger") == "gunicorn.error" for l in lines)
+    assert any(ln.get("logger") == "gunicorn.error" for ln in lines)

@@ -93,11 +93,14 @@ def _answers(server: Gunicorn, name: str, version: str, features: list[str], def
             answers.setdefault("batch", []).append(
                 (r.status_code, r.json().get("version"), tuple(r.json().get("predictions") or ())))
             r = client.post(f"{v1}:predict", json={"instances": [named]})
-            answers.setdefault("kserve v1", []).append((r.status_code, version, (r.json().get("predictions") or [None])[0]))
+            answers.setdefault("kserve v1", []).append(
+                (r.status_code, version, (r.json().get("predictions") or [None])[0])
+            )
             r = client.post(f"/v2/models/{name}/infer", json=v2_body)
             outputs = r.json().get("outputs") or [{}]
             answers.setdefault("v2 per column", []).append(
-                (r.status_code, r.json().get("model_version"), (outputs[0].get("data") or [None])[0]))
+                (r.status_code, r.json().get("model_version"), (outputs[0].get("data") or [None])[0])
+            )
     return answers
 
 

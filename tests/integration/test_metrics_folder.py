@@ -10,6 +10,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
+from itertools import pairwise
 
 import httpx
 import pytest
@@ -144,7 +145,7 @@ def test_scrapes_during_recycling_never_see_a_counter_go_back(recycled):
     counts = [count for _, count in recycled.scrapes]
     assert statuses == {200}
     assert len(counts) > 10, "too few scrapes to show anything"
-    assert all(a <= b for a, b in zip(counts, counts[1:])), counts
+    assert all(a <= b for a, b in pairwise(counts)), counts
 
 
 def test_the_folder_reports_its_own_size_and_free_space(recycled):

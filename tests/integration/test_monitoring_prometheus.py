@@ -1,10 +1,10 @@
 """A real Prometheus scraping a real gunicorn: it loads the kit's alert rules, and every dashboard panel that
 reads the service's own metrics gets series.
 
-The service runs as deployed, with a shared Redis store, and sees what the panels show: predictions (batches large enough for drift scores), client errors,
-requests over a rate limit, and a refused model package (a second iris version with a corrupt file).
-Panels of the blackbox and node exporters are left out: no exporter runs here (their queries are parsed
-by tests/unit/test_grafana_dashboard.py).
+The service runs as deployed, with a shared Redis store, and sees what the panels show: predictions (batches
+large enough for drift scores), client errors, requests over a rate limit, and a refused model package (a
+second iris version with a corrupt file). Panels of the blackbox and node exporters are left out: no exporter
+runs here (their queries are parsed by tests/unit/test_grafana_dashboard.py).
 """
 
 from __future__ import annotations
@@ -38,10 +38,18 @@ def scraped(demo_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
     shutil.copytree(models / "iris" / "1", models / "iris" / "2")
     with open(models / "iris" / "2" / "model.joblib", "ab") as f:
         f.write(b"corrupt")  # fails its sha256: refused, version 1 serves
-    with redis_server() as store_url, gunicorn({
-        "MLAPI_MODELS_DIR": str(models), "MLAPI_DEFAULT_MODEL": "iris",
-        "MLAPI_RATE_LIMIT_STORAGE_URI": store_url, "MLAPI_RATE_LIMIT_DEFAULT": RATE_LIMIT,
-    }) as server, httpx.Client(base_url=server.url, timeout=10) as client:
+    with (
+        redis_server() as store_url,
+        gunicorn(
+            {
+                "MLAPI_MODELS_DIR": str(models),
+                "MLAPI_DEFAULT_MODEL": "iris",
+                "MLAPI_RATE_LIMIT_STORAGE_URI": store_url,
+                "MLAPI_RATE_LIMIT_DEFAULT": RATE_LIMIT,
+            }
+        ) as server,
+        httpx.Client(base_url=server.url, timeout=10) as client,
+    ):
         for _ in range(BATCHES):
             assert client.post("/v1/predict/batch", json={"instances": [IRIS_ROW] * BATCH_ROWS}).status_code == 200
         assert client.post("/v1/predict", json={"features": {"sepal_length": "x"}}).status_code == 422
@@ -49,8 +57,11 @@ def scraped(demo_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
         assert 429 in listings
         with prometheus([f"127.0.0.1:{server.port}"]) as prom:
             # rate() and increase() need two samples in their window.
-            wait_for(lambda: prom.query('count_over_time(up{job="mlapi"}[1m]) >= 3')["data"]["result"], 60,
-                     what="three scrapes of the instance")
+            wait_for(
+                lambda: prom.query('count_over_time(up{job="mlapi"}[1m]) >= 3')["data"]["result"],
+                60,
+                what="three scrapes of the instance",
+            )
             yield prom
 
 

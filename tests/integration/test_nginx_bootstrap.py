@@ -6,6 +6,7 @@ import socket
 import subprocess
 
 import pytest
+
 from nginx_helpers import VENV_BIN, free_port, render
 
 pytestmark = pytest.mark.integration

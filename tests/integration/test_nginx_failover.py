@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from nginx_helpers import free_port, make_models, running_edge, start_gunicorn, wait_until
 
 pytestmark = pytest.mark.integration
@@ -52,7 +53,10 @@ ROW = [5.1, 3.5, 1.4, 0.2]
 PREDICTIONS = {
     "v1": ("/v1/predict", {"features": ROW}),
     "kserve-v1": ("/v1/models/iris:predict", {"instances": [ROW]}),
-    "v2-infer": ("/v2/models/iris/infer", {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP64", "data": ROW}]}),
+    "v2-infer": (
+        "/v2/models/iris/infer",
+        {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP64", "data": ROW}]},
+    ),
 }
 
 
@@ -63,7 +67,7 @@ def predict(edge, route: str = "v1", headers: dict | None = None):
 
 @pytest.mark.parametrize("route", list(PREDICTIONS))
 def test_predictions_survive_a_dead_instance(cluster, stop, route):
-    edge, instances, _ = cluster
+    edge, _instances, _ = cluster
     dead = edge.upstream_ports[1]
     # Kept-alive connections to both instances; an instance restarted after the previous case is back in
     # the upstream once its fail_timeout has passed, which this waits for (bounded).

@@ -129,6 +129,7 @@ def test_records_the_sink_refused_are_counted(unwritable):
 
 
 def test_an_unwritable_sink_is_logged_once_per_worker(unwritable):
-    warnings = [line for line in unwritable.log if line.get("message", "").startswith("cannot write the prediction log")]
+    message = "cannot write the prediction log"
+    warnings = [line for line in unwritable.log if line.get("message", "").startswith(message)]
     assert 1 <= len(warnings) <= 2
     assert all(w["error"].startswith("ENOTDIR") for w in warnings)

@@ -12,10 +12,11 @@ from contextlib import ExitStack, contextmanager
 
 import httpx
 import pytest
-from nginx_helpers import running_edge
 
 from tests.servers import RedisServer, gunicorn, tarpit, wait_for
 from tests.unit.conftest import IRIS_ROW, metric
+
+from nginx_helpers import running_edge
 
 pytestmark = pytest.mark.integration
 

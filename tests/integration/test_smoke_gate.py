@@ -93,7 +93,7 @@ def test_every_version_answers_its_recorded_row_with_the_recorded_answer(served,
     sent = {r["item"][0]["name"] + "/" + r["item"][1]["version"]: r["invocation"]["module_args"]["body"]["features"]
             for r in results}
     assert sent["churn/1"] == read_manifest(models / "churn" / "1")["smoke"]["features"]
-    assert sent["iris/2"] == {f: 0 for f in ("sepal_length", "sepal_width", "petal_length", "petal_width")}
+    assert sent["iris/2"] == dict.fromkeys(("sepal_length", "sepal_width", "petal_length", "petal_width"), 0)
 
 
 def _recorded(models: Path, name: str, **changes) -> dict:

@@ -59,7 +59,8 @@ def _reload_three_times(server, wrk: subprocess.Popen) -> None:
     for _ in range(3):
         booted = server.output().count(BOOTED)
         server.signal(signal.SIGHUP)
-        wait_for(lambda: server.output().count(BOOTED) >= booted + 2 or wrk.poll() is not None, SECONDS + 30,
+        wait_for(lambda booted=booted: server.output().count(BOOTED) >= booted + 2 or wrk.poll() is not None,
+                 SECONDS + 30,
                  what="replacement workers after SIGHUP")
         time.sleep(1)  # let the new workers take load before the next reload
 

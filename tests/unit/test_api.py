@@ -108,9 +108,17 @@ def test_batch_scores_every_instance_in_order(client):
 @pytest.mark.parametrize(
     ("features", "loc", "words"),
     [
-        ({k: v for k, v in IRIS_ROW.items() if k != "petal_width"}, ["body", "features", "petal_width"], "feature is missing"),
+        (
+            {k: v for k, v in IRIS_ROW.items() if k != "petal_width"},
+            ["body", "features", "petal_width"],
+            "feature is missing",
+        ),
         ({**IRIS_ROW, "colour": 1.0}, ["body", "features", "colour"], "is not a feature of this model"),
-        ({**IRIS_ROW, "sepal_width": "wide"}, ["body", "features", "sepal_width"], "must be a number, got the string 'wide'"),
+        (
+            {**IRIS_ROW, "sepal_width": "wide"},
+            ["body", "features", "sepal_width"],
+            "must be a number, got the string 'wide'",
+        ),
         ({**IRIS_ROW, "sepal_width": True}, ["body", "features", "sepal_width"], "must be a number, got bool"),
         ({**IRIS_ROW, "sepal_width": None}, ["body", "features", "sepal_width"], "must be a number, got NoneType"),
         ({**IRIS_ROW, "sepal_width": 1e12}, ["body", "features", "sepal_width"], "is beyond the accepted magnitude"),
@@ -138,7 +146,7 @@ def test_misspelled_feature_suggests_the_right_name(client):
 
 @pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
 def test_nan_and_infinity_are_refused(client, literal):
-    body = '{"features": {"sepal_length": %s, "sepal_width": 3.5, "petal_length": 1.4, "petal_width": 0.2}}' % literal
+    body = f'{{"features": {{"sepal_length": {literal}, "sepal_width": 3.5, "petal_length": 1.4, "petal_width": 0.2}}}}'
     r = client.post(PREDICT, content=body, headers={"content-type": "application/json"})
     assert r.status_code == 422
     err = assert_error_shape(r.json(), "invalid_request")
@@ -260,8 +268,14 @@ STORE_PASSWORD = "Sup3rS3cret-store-password"
 
 @pytest.mark.parametrize(
     ("method", "path"),
-    [("GET", "/readyz"), ("GET", "/healthz/store"), ("GET", "/v2/health/ready"), ("GET", "/metrics"),
-     ("GET", "/v1/models"), ("POST", PREDICT)],
+    [
+        ("GET", "/readyz"),
+        ("GET", "/healthz/store"),
+        ("GET", "/v2/health/ready"),
+        ("GET", "/metrics"),
+        ("GET", "/v1/models"),
+        ("POST", PREDICT),
+    ],
 )
 def test_the_store_password_is_in_no_answer(make_client, demo_models, capsys, method, path):
     from tests.servers import free_port
@@ -314,7 +328,7 @@ def test_unhandled_errors_are_500_without_a_traceback(make_client, demo_models, 
     err = assert_error_shape(r.json(), "internal_error")
     assert "secret" not in r.text and "Traceback" not in r.text
     logged = capsys.readouterr().err
-    line = next(json.loads(l) for l in logged.splitlines() if "unhandled error" in l)
+    line = next(json.loads(ln) for ln in logged.splitlines() if "unhandled error" in ln)
     assert line["request_id"] == err["request_id"]
     assert "secret internal detail" in line["traceback"]
 
@@ -339,8 +353,10 @@ DOCS_KEY_HASH = hashlib.sha256(DOCS_KEY.encode()).hexdigest()
 
 def test_the_schema_needs_the_api_key_when_keys_are_required(make_client, demo_models):
     with make_client(demo_models, api_key_hashes=[DOCS_KEY_HASH]) as c:
-        statuses = (c.get("/openapi.json").status_code,
-                    c.get("/openapi.json", headers={"X-API-Key": DOCS_KEY}).status_code)
+        statuses = (
+            c.get("/openapi.json").status_code,
+            c.get("/openapi.json", headers={"X-API-Key": DOCS_KEY}).status_code,
+        )
     assert statuses == (401, 200)
 
 

@@ -54,15 +54,17 @@ def make_lineage(config: Path) -> None:
         os.utime(live / f"{kind}.pem", (1_600_000_000, 1_600_000_000), follow_symlinks=False)
     (account / "meta.json").write_text("{}")
     (config / "renewal" / f"{NAME}.conf").write_text(
-        f"archive_dir = {archive}\n" + "".join(f"{k} = {live}/{k}.pem\n" for k in ("cert", "privkey", "chain", "fullchain"))
-        + f"[renewalparams]\naccount = {ACCOUNT}\nserver = {SERVER}\n")
+        f"archive_dir = {archive}\n"
+        + "".join(f"{k} = {live}/{k}.pem\n" for k in ("cert", "privkey", "chain", "fullchain"))
+        + f"[renewalparams]\naccount = {ACCOUNT}\nserver = {SERVER}\n"
+    )
 
 
 def with_extra_member(backup: dict, info: tarfile.TarInfo, data: bytes = b"", first: bool = False) -> dict:
     """The backup with one more member in its archive, after the others (or before them)."""
-    source = tarfile.open(fileobj=io.BytesIO(base64.b64decode(backup["archive"])), mode="r:gz")
     out = io.BytesIO()
-    with source, tarfile.open(fileobj=out, mode="w:gz") as tar:
+    with tarfile.open(fileobj=io.BytesIO(base64.b64decode(backup["archive"])), mode="r:gz") as source, \
+            tarfile.open(fileobj=out, mode="w:gz") as tar:
         info.size = len(data)
         if first:
             tar.addfile(info, io.BytesIO(data) if info.isfile() else None)
@@ -108,16 +110,21 @@ def symlink(name: str, target: str) -> tarfile.TarInfo:
     return info
 
 
-@pytest.mark.parametrize(("member", "refusal"), [
-    (hook("renewal-hooks/deploy/evil.sh"), "not part of the lineage"),
-    (hook("../etc/cron.d/evil"), "not part of the lineage"),
-    (hook("/etc/cron.d/evil"), "not part of the lineage"),
-    (hook("archive/other.test/cert1.pem"), "not part of the lineage"),
-    (symlink(f"live/{NAME}/extra.pem", "/etc/shadow"), "does not point into"),
-    (symlink(f"live/{NAME}/up.pem", f"../../archive/{NAME}/../../../etc/shadow"), "does not point into"),
-], ids=["hook", "dot-dot", "absolute", "other-lineage", "absolute-symlink", "escaping-symlink"])
+@pytest.mark.parametrize(
+    ("member", "refusal"),
+    [
+        (hook("renewal-hooks/deploy/evil.sh"), "not part of the lineage"),
+        (hook("../etc/cron.d/evil"), "not part of the lineage"),
+        (hook("/etc/cron.d/evil"), "not part of the lineage"),
+        (hook("archive/other.test/cert1.pem"), "not part of the lineage"),
+        (symlink(f"live/{NAME}/extra.pem", "/etc/shadow"), "does not point into"),
+        (symlink(f"live/{NAME}/up.pem", f"../../archive/{NAME}/../../../etc/shadow"), "does not point into"),
+    ],
+    ids=["hook", "dot-dot", "absolute", "other-lineage", "absolute-symlink", "escaping-symlink"],
+)
 def test_an_archive_that_writes_outside_the_lineage_is_refused_before_anything_is_written(
-        tmp_path: Path, backup: dict, member: tarfile.TarInfo, refusal: str) -> None:
+    tmp_path: Path, backup: dict, member: tarfile.TarInfo, refusal: str
+) -> None:
     with pytest.raises(lineage.Refused, match=refusal):
         restore(tmp_path, with_extra_member(backup, member, b"#!/bin/sh\n"))
     assert not (tmp_path / "le").exists()
@@ -136,8 +143,9 @@ def test_a_name_twice_is_refused_though_its_last_member_passes(tmp_path: Path, b
 
 def test_a_certificate_for_other_names_is_refused(tmp_path: Path, backup: dict) -> None:
     with pytest.raises(lineage.Refused, match="the certificate is for"):
-        lineage.restore(str(tmp_path / "le"), NAME, [NAME, "www.api.test"], SERVER, backup, "the backup",
-                        check_mode=False)
+        lineage.restore(
+            str(tmp_path / "le"), NAME, [NAME, "www.api.test"], SERVER, backup, "the backup", check_mode=False
+        )
 
 
 def test_a_backup_from_another_acme_server_is_refused(backup: dict) -> None:

@@ -22,7 +22,9 @@ def test_mlserver_loads_the_model_with_the_versions_that_built_it():
     service = pins(ROOT / "requirements.txt")
     mlserver = pins(ROOT / "tests" / "client_envs" / "mlserver.txt")
     for name in ("scikit-learn", "numpy", "joblib"):
-        assert mlserver[name] == service[name], f"tests/client_envs/mlserver.txt pins {name} apart from requirements.txt"
+        assert mlserver[name] == service[name], (
+            f"tests/client_envs/mlserver.txt pins {name} apart from requirements.txt"
+        )
 
 
 def test_every_client_env_is_pinned():

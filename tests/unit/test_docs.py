@@ -65,7 +65,7 @@ def test_page_has_no_inline_script_or_style(client, page):
 @pytest.mark.parametrize("page", PAGES)
 def test_every_asset_a_page_references_is_served(client, page):
     references = parsed(client.get(page).text).references
-    assert {r: client.get(r).status_code for r in references} == {r: 200 for r in references}
+    assert {r: client.get(r).status_code for r in references} == dict.fromkeys(references, 200)
 
 
 @pytest.mark.parametrize("name", sorted(ASSETS))
@@ -92,15 +92,21 @@ def _other_routes(client) -> list[tuple[str, str]]:
     """Every GET route of the schema without a path parameter, and answers of other kinds."""
     paths = [p for p, ops in client.get("/openapi.json").json()["paths"].items() if "get" in ops and "{" not in p]
     return [("GET", p) for p in paths] + [
-        ("GET", "/openapi.json"), ("GET", "/no-such-route"), ("POST", "/v1/predict"), ("GET", "/docs/"),
-        ("GET", f"{STATIC_URL}/docs.js"), ("GET", f"{STATIC_URL}/swagger-ui-bundle.js"), ("GET", f"{STATIC_URL}/nothing"),
+        ("GET", "/openapi.json"),
+        ("GET", "/no-such-route"),
+        ("POST", "/v1/predict"),
+        ("GET", "/docs/"),
+        ("GET", f"{STATIC_URL}/docs.js"),
+        ("GET", f"{STATIC_URL}/swagger-ui-bundle.js"),
+        ("GET", f"{STATIC_URL}/nothing"),
     ]
 
 
 def test_every_other_answer_gets_the_strict_content_security_policy(client):
     policies = {
-        f"{method} {path}": client.request(method, path, json={"features": IRIS_ROW} if method == "POST" else None,
-                                           follow_redirects=False).headers.get_list("content-security-policy")
+        f"{method} {path}": client.request(
+            method, path, json={"features": IRIS_ROW} if method == "POST" else None, follow_redirects=False
+        ).headers.get_list("content-security-policy")
         for method, path in _other_routes(client)
     }
     assert policies == {route: [STRICT_CSP] for route in policies}
@@ -129,16 +135,23 @@ def test_schema_declares_the_api_key_scheme_when_keys_are_required(make_client, 
     with make_client(demo_models, api_key_hashes=[KEY_HASH]) as c:
         schema = c.get("/openapi.json", headers={"X-API-Key": KEY}).json()
     assert schema["components"]["securitySchemes"][API_KEY_SCHEME] | {"description": ""} == {
-        "type": "apiKey", "in": "header", "name": "X-API-Key", "description": ""}
+        "type": "apiKey",
+        "in": "header",
+        "name": "X-API-Key",
+        "description": "",
+    }
 
 
-@pytest.mark.parametrize(("path", "method", "security"), [
-    ("/v1/predict", "post", [{API_KEY_SCHEME: []}]),
-    ("/v1/models", "get", [{API_KEY_SCHEME: []}]),
-    ("/v2/models/{name}/infer", "post", [{API_KEY_SCHEME: []}]),
-    ("/healthz", "get", None),
-    ("/v2/health/ready", "get", None),
-])
+@pytest.mark.parametrize(
+    ("path", "method", "security"),
+    [
+        ("/v1/predict", "post", [{API_KEY_SCHEME: []}]),
+        ("/v1/models", "get", [{API_KEY_SCHEME: []}]),
+        ("/v2/models/{name}/infer", "post", [{API_KEY_SCHEME: []}]),
+        ("/healthz", "get", None),
+        ("/v2/health/ready", "get", None),
+    ],
+)
 def test_schema_marks_exactly_the_keyed_operations(make_client, demo_models, path, method, security):
     with make_client(demo_models, api_key_hashes=[KEY_HASH]) as c:
         schema = c.get("/openapi.json", headers={"X-API-Key": KEY}).json()

@@ -17,7 +17,10 @@ KEY_HASH = hashlib.sha256(KEY.encode()).hexdigest()
     "path,body",
     [
         ("/v1/predict", {"features": IRIS_ROW}),
-        ("/v2/models/iris/infer", {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP64", "data": [5.1, 3.5, 1.4, 0.2]}]}),
+        (
+            "/v2/models/iris/infer",
+            {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP64", "data": [5.1, 3.5, 1.4, 0.2]}]},
+        ),
     ],
 )
 def test_limit_admits_exactly_n_then_429_with_retry_after(make_client, demo_models, path, body):
@@ -75,7 +78,7 @@ def test_right_api_key_is_accepted_and_never_logged(make_client, demo_models, ca
         assert c.get("/healthz").status_code == 200
     out = capsys.readouterr()
     assert KEY not in out.out + out.err
-    assert any(json.loads(l).get("path") == "/v1/predict" for l in out.out.splitlines() if l.startswith("{"))
+    assert any(json.loads(ln).get("path") == "/v1/predict" for ln in out.out.splitlines() if ln.startswith("{"))
 
 
 FAILURES = 3
@@ -83,14 +86,17 @@ FAILURES = 3
 
 def _wrong_keys_until_blocked(c) -> list[int]:
     """FAILURES wrong keys from one client, then one more request."""
-    return [c.post("/v1/predict", json={"features": IRIS_ROW}, headers={"X-API-Key": "guess"}).status_code
-            for _ in range(FAILURES + 1)]
+    return [
+        c.post("/v1/predict", json={"features": IRIS_ROW}, headers={"X-API-Key": "guess"}).status_code
+        for _ in range(FAILURES + 1)
+    ]
 
 
 @pytest.mark.parametrize("limits_on", [True, False], ids=["limits-on", "limits-off"])
 def test_wrong_keys_over_the_failure_limit_get_429_with_retry_after(make_client, demo_models, limits_on):
-    with make_client(demo_models, api_key_hashes=[KEY_HASH], api_key_failure_limit=f"{FAILURES}/minute",
-                     rate_limit_enabled=limits_on) as c:
+    with make_client(
+        demo_models, api_key_hashes=[KEY_HASH], api_key_failure_limit=f"{FAILURES}/minute", rate_limit_enabled=limits_on
+    ) as c:
         statuses = _wrong_keys_until_blocked(c)
         refused = c.post("/v1/predict", json={"features": IRIS_ROW}, headers={"X-API-Key": "guess"})
     assert statuses == [403] * FAILURES + [429]
@@ -101,8 +107,11 @@ def test_wrong_keys_over_the_failure_limit_get_429_with_retry_after(make_client,
 
 @pytest.mark.parametrize(
     "path,body",
-    [("/v1/predict", {"features": IRIS_ROW}), ("/v1/predict", {"features": {"sepal_length": "x"}}),
-     ("/v2/models/iris/infer", {"inputs": []})],
+    [
+        ("/v1/predict", {"features": IRIS_ROW}),
+        ("/v1/predict", {"features": {"sepal_length": "x"}}),
+        ("/v2/models/iris/infer", {"inputs": []}),
+    ],
     ids=["v1", "v1-invalid-body", "v2-invalid-body"],
 )
 def test_a_right_key_is_refused_too_while_its_client_is_blocked(make_client, demo_models, path, body):
@@ -134,8 +143,13 @@ def test_limits_are_per_api_key(make_client, demo_models):
     other = "another-key"
     hashes = [KEY_HASH, hashlib.sha256(other.encode()).hexdigest()]
     with make_client(demo_models, api_key_hashes=hashes, rate_limit_predict="2/minute") as c:
-        first = [c.post("/v1/predict", json={"features": IRIS_ROW}, headers={"X-API-Key": KEY}).status_code for _ in range(3)]
-        second = [c.post("/v1/predict", json={"features": IRIS_ROW}, headers={"X-API-Key": other}).status_code for _ in range(2)]
+        first = [
+            c.post("/v1/predict", json={"features": IRIS_ROW}, headers={"X-API-Key": KEY}).status_code for _ in range(3)
+        ]
+        second = [
+            c.post("/v1/predict", json={"features": IRIS_ROW}, headers={"X-API-Key": other}).status_code
+            for _ in range(2)
+        ]
     assert first == [200, 200, 429]
     assert second == [200, 200]
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import platform
 import pickle
+import platform
 import shutil
 import subprocess
 import sys
@@ -86,7 +86,7 @@ def test_manifest_records_what_the_issue_lists(demo_models: Path):
     assert set(data["versions"]) == {"python", "sklearn", "numpy", "onnxruntime"}
     assert {"validation_accuracy", "train_accuracy"} <= set(data["metrics"])
     assert set(data["reference"]) == set(IRIS_FEATURES)
-    for name, stats in data["reference"].items():
+    for stats in data["reference"].values():
         assert len(stats["proportions"]) == len(stats["bin_edges"]) + 1
         assert sum(stats["proportions"]) == pytest.approx(1.0)
         assert stats["min"] <= stats["mean"] <= stats["max"]
@@ -199,10 +199,13 @@ def test_the_manifest_records_a_smoke_row_with_the_answer_of_the_estimator(demo_
     assert smoke["features"] == dict(zip(manifest.feature_names, reference_row(manifest.features, manifest.reference),
                                          strict=True))
     estimator = joblib.load(demo_models / name / "1" / "model.joblib")
-    row = pd.DataFrame([smoke["features"]]) if manifest.input == "frame" else np.array([list(smoke["features"].values())])
+    values = list(smoke["features"].values())
+    row = pd.DataFrame([smoke["features"]]) if manifest.input == "frame" else np.array([values])
     if manifest.task == "classifier":
         assert smoke["prediction"] == estimator.predict(row)[0]
-        assert list(smoke["probabilities"].values()) == pytest.approx(estimator.predict_proba(row)[0].tolist(), abs=1e-12)
+        assert list(smoke["probabilities"].values()) == pytest.approx(
+            estimator.predict_proba(row)[0].tolist(), abs=1e-12
+        )
     else:
         assert smoke["prediction"] == pytest.approx(float(estimator.predict(row)[0]), rel=1e-12)
     assert smoke["tolerance"] == 1e-5
@@ -236,6 +239,7 @@ def test_a_manifest_missing_fields_names_them(package: Path):
 def _set(field: str, value):
     def spoil(stats: dict) -> None:
         stats[field] = value
+
     return spoil
 
 
@@ -248,7 +252,9 @@ REFERENCE_FAULTS = {
     "proportions one short": (lambda stats: stats["proportions"].pop(), "proportions must be 10 finite numbers"),
     "proportions missing": (lambda stats: stats.pop("proportions"), "proportions must be 10 finite numbers"),
     "proportions not summing to 1": (
-        lambda stats: stats.update(proportions=[0.5] * len(stats["proportions"])), "sum to 1"),
+        lambda stats: stats.update(proportions=[0.5] * len(stats["proportions"])),
+        "sum to 1",
+    ),
     "no mean": (lambda stats: stats.pop("mean"), "reference.sepal_length.mean must be a finite number"),
     "mean a string": (_set("mean", "5.8"), "reference.sepal_length.mean must be a finite number"),
     "statistics not an object": (lambda stats: stats.clear(), "reference.sepal_length.bin_edges"),
@@ -285,7 +291,7 @@ def test_an_empty_reference_is_refused_naming_the_first_feature(package: Path):
 def test_feature_names_must_be_unique_non_empty_strings(package: Path, names: list[str], problem: str):
     data = _manifest(package)
     data["features"] = [{"name": n, "type": "float"} for n in names]
-    data["reference"] = {n: data["reference"][IRIS_FEATURES[0]] for n in names}
+    data["reference"] = dict.fromkeys(names, data["reference"][IRIS_FEATURES[0]])
     _write_manifest(package, data)
     assert problem in str(_refused(package, "manifest"))
 
@@ -537,8 +543,11 @@ def test_a_package_whose_engine_answers_its_smoke_row_otherwise_is_refused(packa
         data["onnx"] = {**data["onnx"], "kept": False, "reason": "removed"}
     answered = data["smoke"]["prediction"]
     other = next(c for c in data["classes"] if c != answered)
-    data["smoke"]["probabilities"] = {answered: 0.0, other: 1.0, **{c: 0.0 for c in data["classes"]
-                                                                      if c not in (answered, other)}}
+    data["smoke"]["probabilities"] = {
+        answered: 0.0,
+        other: 1.0,
+        **{c: 0.0 for c in data["classes"] if c not in (answered, other)},
+    }
     data["smoke"]["prediction"] = other
     _write_manifest(package, data)
     refusal = _refused(package, check)
@@ -553,12 +562,15 @@ def test_a_package_from_before_the_smoke_row_loads_and_checks_the_shape_only(pac
     assert model.manifest.smoke is None and model.engine.name == "onnx"
 
 
-@pytest.mark.parametrize(("change", "problem"), [
-    (lambda s: s["features"].pop("petal_width"), "is not the row of the reference statistics"),
-    (lambda s: s["features"].update(petal_width=9.9), "is not the row of the reference statistics"),
-    (lambda s: s.update(tolerance="tight"), "smoke.tolerance must be a number"),
-    (lambda s: s.update(prediction="lily"), "smoke.prediction must be one of the classes"),
-])
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        (lambda s: s["features"].pop("petal_width"), "is not the row of the reference statistics"),
+        (lambda s: s["features"].update(petal_width=9.9), "is not the row of the reference statistics"),
+        (lambda s: s.update(tolerance="tight"), "smoke.tolerance must be a number"),
+        (lambda s: s.update(prediction="lily"), "smoke.prediction must be one of the classes"),
+    ],
+)
 def test_a_malformed_smoke_row_is_refused_naming_what_is_wrong(package: Path, change, problem: str):
     data = _manifest(package)
     change(data["smoke"])

@@ -147,7 +147,7 @@ def test_shadow_scores_off_the_response_path_and_counts_agreement(make_client, t
         assert r.json()["version"] == "1"
         after = metric(c.get("/metrics").text, "mlapi_shadow_predictions_total", **labels)
     assert after - before == 5
-    lines = [json.loads(l) for l in capsys.readouterr().err.splitlines() if "shadow prediction" in l]
+    lines = [json.loads(ln) for ln in capsys.readouterr().err.splitlines() if "shadow prediction" in ln]
     assert lines and lines[0]["shadow_version"] == "2" and lines[0]["agreed"] == 5
     assert lines[0]["request_id"] == r.json()["request_id"]
 

@@ -83,4 +83,6 @@ def test_reference_documents_every_setting():
 def test_configuration_doc_lists_every_setting():
     doc = (ROOT / "docs" / "configuration.md").read_text()
     for name in Settings.model_fields:
-        assert f"`MLAPI_{name.upper()}`" in doc, f"docs/configuration.md lacks MLAPI_{name.upper()}: run make config-reference"
+        assert f"`MLAPI_{name.upper()}`" in doc, (
+            f"docs/configuration.md lacks MLAPI_{name.upper()}: run make config-reference"
+        )

@@ -89,8 +89,10 @@ def test_a_monitoring_host_of_its_own_reaches_every_node_exporter_but_not_loopba
 
 def test_the_private_address_falls_back_to_the_facts_and_else_names_the_variable():
     groups = {"lb": ["lb1"], "app": ["app1"]}
-    assert service_address("app1", groups, {"app1": {"ansible_default_ipv4": {"address": "172.31.5.9"}}}) == "172.31.5.9"
-    with pytest.raises(AnsibleFilterError, match="app1.*private_ip"):
+    assert (
+        service_address("app1", groups, {"app1": {"ansible_default_ipv4": {"address": "172.31.5.9"}}}) == "172.31.5.9"
+    )
+    with pytest.raises(AnsibleFilterError, match=r"app1.*private_ip"):
         service_address("app1", groups, {"app1": {}})
 
 
@@ -126,28 +128,49 @@ def render(tmp_path: Path, inventory: dict) -> dict[str, dict]:
     (tmp_path / "inventory.json").write_text(json.dumps(inventory))
     playbook = tmp_path / "render.yml"
     playbook.write_text(RENDER_PLAYBOOK.format(ansible=ANSIBLE_DIR, out=tmp_path))
-    env = {**os.environ, "ANSIBLE_CONFIG": str(ANSIBLE_DIR / "ansible.cfg"), "ANSIBLE_NOCOLOR": "1",
-           "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
+    env = {
+        **os.environ,
+        "ANSIBLE_CONFIG": str(ANSIBLE_DIR / "ansible.cfg"),
+        "ANSIBLE_NOCOLOR": "1",
+        "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
+    }
     # The defaults are loaded as vars_files, which outrank the inventory: the password goes in as an extra var.
-    result = subprocess.run([str(BIN / "ansible-playbook"), "-i", str(tmp_path / "inventory.json"),
-                             "-e", "redis_password=s3cret", str(playbook)],
-                            env=env, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    result = subprocess.run(
+        [
+            str(BIN / "ansible-playbook"),
+            "-i",
+            str(tmp_path / "inventory.json"),
+            "-e",
+            "redis_password=s3cret",
+            str(playbook),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        stdin=subprocess.DEVNULL,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     return {path.stem: json.loads(path.read_text()) for path in tmp_path.glob("*.json") if path.stem != "inventory"}
 
 
 def inventory(groups: dict[str, list[str]], hostvars: dict[str, dict]) -> dict:
-    return {"all": {"vars": {"ansible_python_interpreter": sys.executable}},
-            **{group: {"hosts": {h: hostvars.get(h, {}) for h in hosts}} for group, hosts in groups.items()}}
+    return {
+        "all": {"vars": {"ansible_python_interpreter": sys.executable}},
+        **{group: {"hosts": {h: hostvars.get(h, {}) for h in hosts}} for group, hosts in groups.items()},
+    }
 
 
 def test_the_role_defaults_of_a_single_host(tmp_path):
     hosts = render(tmp_path, inventory(SINGLE, {"one": {"private_ip": "10.0.1.5"}}))
     assert hosts["one"] == {
-        "base_firewall_allowed_tcp_ports": [22, 80, 443], "base_firewall_deployment_rules": [],
-        "redis_bind": ["127.0.0.1"], "app_bind_address": "127.0.0.1",
+        "base_firewall_allowed_tcp_ports": [22, 80, 443],
+        "base_firewall_deployment_rules": [],
+        "redis_bind": ["127.0.0.1"],
+        "app_bind_address": "127.0.0.1",
         "app_rate_limit_storage_uri": "redis://:s3cret@127.0.0.1:6379/0",
-        "app_trusted_proxies": ["127.0.0.1", "::1"], "app_ip_address_allow": [],
+        "app_trusted_proxies": ["127.0.0.1", "::1"],
+        "app_ip_address_allow": [],
         "nginx_upstream_servers": ["127.0.0.1:8001", "127.0.0.1:8002"],
     }
 
@@ -157,11 +180,18 @@ def test_the_role_defaults_of_a_load_balancer_and_two_app_hosts(tmp_path):
     lb, app = hosts["lb1"], hosts["app1"]
     assert lb["base_firewall_allowed_tcp_ports"] == [22, 80, 443]
     assert lb["redis_bind"] == ["127.0.0.1", "10.0.1.10"]
-    assert lb["nginx_upstream_servers"] == ["10.0.1.21:8001", "10.0.1.21:8002",
-                                            "10.0.1.22:8001", "10.0.1.22:8002", "10.0.1.22:8003"]
+    assert lb["nginx_upstream_servers"] == [
+        "10.0.1.21:8001",
+        "10.0.1.21:8002",
+        "10.0.1.22:8001",
+        "10.0.1.22:8002",
+        "10.0.1.22:8003",
+    ]
     assert app["base_firewall_allowed_tcp_ports"] == [22]
-    assert app["base_firewall_deployment_rules"] == [{"port": 8001, "proto": "tcp", "from": "10.0.1.10"},
-                                                     {"port": 8002, "proto": "tcp", "from": "10.0.1.10"}]
+    assert app["base_firewall_deployment_rules"] == [
+        {"port": 8001, "proto": "tcp", "from": "10.0.1.10"},
+        {"port": 8002, "proto": "tcp", "from": "10.0.1.10"},
+    ]
     assert app["app_bind_address"] == "10.0.1.21"
     assert app["app_rate_limit_storage_uri"] == "redis://:s3cret@10.0.1.10:6379/0"
     assert app["app_trusted_proxies"] == ["127.0.0.1", "::1", "10.0.1.10"]

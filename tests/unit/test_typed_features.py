@@ -438,7 +438,7 @@ def _seats_record(frame: pd.DataFrame, seats: int) -> dict[str, Any]:
 
 
 def test_an_int_column_behind_a_strict_encoder_records_the_values_it_knows(strict_seats):
-    models, model, frame = strict_seats
+    models, model, _frame = strict_seats
     features = {f["name"]: f for f in read_manifest(models / "seats" / "1")["features"]}
     known = sorted(int(v) for v in model.named_steps["columns"].named_transformers_["categories"].categories_[1])
     assert features["seats"] == {"name": "seats", "type": "int", "categories": known, "allow_unknown": False}

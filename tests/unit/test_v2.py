@@ -50,7 +50,7 @@ def test_unknown_model_or_version_is_404_with_a_string_error(client, path):
     assert isinstance(r.json()["error"], str)
 
 
-TWO_ROWS = ROW + [6.7, 3.0, 5.2, 2.3]
+TWO_ROWS = [*ROW, 6.7, 3.0, 5.2, 2.3]
 
 
 def test_infer_echoes_the_id_and_returns_predict_alone_as_mlserver_does(client):
@@ -103,7 +103,10 @@ def test_malformed_json_is_400_in_the_protocol_shape(client):
 
 
 def test_top_classes_with_the_classification_extension(client):
-    body = {"inputs": [tensor(TWO_ROWS, [2, 4])], "outputs": [{"name": "predict_proba", "parameters": {"classification": 2}}]}
+    body = {
+        "inputs": [tensor(TWO_ROWS, [2, 4])],
+        "outputs": [{"name": "predict_proba", "parameters": {"classification": 2}}],
+    }
     (out,) = client.post("/v2/models/iris/infer", json=body).json()["outputs"]
     assert out["shape"] == [2, 2] and out["datatype"] == "BYTES"
     assert out["data"][0].endswith(":0:setosa") and out["data"][2].endswith(":2:virginica")
@@ -127,12 +130,15 @@ def test_model_config_says_what_the_manifest_knows(client, path):
 
 
 def test_server_metadata_lists_the_extensions(client):
-    assert set(client.get("/v2").json()["extensions"]) >= {"binary_tensor_data", "classification",
-                                                           "model_configuration"}
+    assert set(client.get("/v2").json()["extensions"]) >= {
+        "binary_tensor_data",
+        "classification",
+        "model_configuration",
+    }
 
 
 def test_infer_accepts_one_tensor_per_feature(client):
-    body = {"inputs": [tensor([v], [1], name=n) for n, v in zip(FEATURES, ROW)]}
+    body = {"inputs": [tensor([v], [1], name=n) for n, v in zip(FEATURES, ROW, strict=True)]}
     r = client.post("/v2/models/iris/versions/1/infer", json=body)
     assert r.status_code == 200
     assert r.json()["outputs"][0]["data"] == ["setosa"]
@@ -177,7 +183,6 @@ def test_infer_schema_violation_is_422_with_a_string_error(client):
     assert isinstance(r.json()["error"], str) and "inputs" in r.json()["error"]
 
 
-
 MAX_ROWS = 2
 OVER = MAX_ROWS + 1
 
@@ -206,7 +211,7 @@ def test_declared_rows_over_the_limit_are_413_whatever_the_data(make_client, dem
 @pytest.mark.parametrize(
     ("inputs", "words"),
     [
-        ([tensor(ROW + ["x"], [1, 4])], "needs 4 values, got 5"),
+        ([tensor([*ROW, "x"], [1, 4])], "needs 4 values, got 5"),
         ([tensor(ROW, [-1, 4])], "negative dimension"),
         ([tensor([1.0, 2.0], [1, 2], name=n) for n in FEATURES], "shape [n] or [n, 1]"),
     ],
@@ -234,8 +239,11 @@ def split_response(r) -> tuple[dict, bytes]:
 @pytest.mark.parametrize(("datatype", "dtype"), [("FP32", "<f4"), ("FP64", "<f8")])
 def test_binary_inputs_score_like_json(client, datatype, dtype):
     values = np.array(TWO_ROWS, dtype=dtype)
-    header = {"inputs": [{"name": "x", "shape": [2, 4], "datatype": datatype,
-                          "parameters": {"binary_data_size": values.nbytes}}]}
+    header = {
+        "inputs": [
+            {"name": "x", "shape": [2, 4], "datatype": datatype, "parameters": {"binary_data_size": values.nbytes}}
+        ]
+    }
     content, headers = binary_request(header, values.tobytes())
     r = client.post("/v2/models/iris/infer", content=content, headers=headers)
     assert r.status_code == 200, r.text
@@ -243,8 +251,15 @@ def test_binary_inputs_score_like_json(client, datatype, dtype):
 
 
 def test_binary_outputs_follow_the_json_header(client):
-    body = {"parameters": {"binary_data_output": True}, "inputs": [tensor(TWO_ROWS, [2, 4])],
-            "outputs": [{"name": "predict"}, {"name": "predict_proba"}, {"name": "predict", "parameters": {"binary_data": False}}]}
+    body = {
+        "parameters": {"binary_data_output": True},
+        "inputs": [tensor(TWO_ROWS, [2, 4])],
+        "outputs": [
+            {"name": "predict"},
+            {"name": "predict_proba"},
+            {"name": "predict", "parameters": {"binary_data": False}},
+        ],
+    }
     r = client.post("/v2/models/iris/infer", json=body)
     assert r.status_code == 200
     assert r.headers["content-type"] == "application/octet-stream"
@@ -255,14 +270,18 @@ def test_binary_outputs_follow_the_json_header(client):
     expected_labels = b"".join(struct.pack("<I", len(s)) + s for s in (b"setosa", b"virginica"))
     assert labels["parameters"]["binary_data_size"] == len(expected_labels)
     assert binary[: len(expected_labels)] == expected_labels
-    probabilities = np.frombuffer(binary[len(expected_labels):], dtype="<f8").reshape(proba["shape"])
+    probabilities = np.frombuffer(binary[len(expected_labels) :], dtype="<f8").reshape(proba["shape"])
     assert proba["parameters"]["binary_data_size"] == probabilities.nbytes == 2 * 3 * 8
     assert probabilities.argmax(axis=1).tolist() == [0, 2]
 
 
 @pytest.mark.parametrize(
     ("size", "extra", "words"),
-    [(32, b"", "needs 64 bytes of binary data, got 32"), (128, b"", "only 64 bytes"), (64, b"\0" * 8, "8 bytes follow the JSON header")],
+    [
+        (32, b"", "needs 64 bytes of binary data, got 32"),
+        (128, b"", "only 64 bytes"),
+        (64, b"\0" * 8, "8 bytes follow the JSON header"),
+    ],
     ids=["size-not-the-shape", "short-body", "bytes-left-over"],
 )
 def test_binary_sizes_that_do_not_add_up_are_400(client, size, extra, words):
@@ -301,8 +320,9 @@ def test_a_decompression_bomb_is_413_not_memory(make_client, demo_models):
     assert f"decompressed request body is larger than {limit} bytes" in r.json()["error"]
 
 
-@pytest.mark.parametrize(("coding", "status", "words"),
-                         [("br", 415, "not supported"), ("gzip", 400, "not valid gzip data")])
+@pytest.mark.parametrize(
+    ("coding", "status", "words"), [("br", 415, "not supported"), ("gzip", 400, "not valid gzip data")]
+)
 def test_unreadable_encodings_are_named(client, coding, status, words):
     r = client.post("/v2/models/iris/infer", content=b"not compressed", headers={"content-encoding": coding})
     assert r.status_code == status
@@ -312,8 +332,9 @@ def test_unreadable_encodings_are_named(client, coding, status, words):
 def test_stacked_encodings_are_refused_before_any_is_undone(client):
     """Each layer may unpack up to the body limit: a stack of them would cost a worker that many times over."""
     raw = json.dumps({"inputs": [tensor(ROW, [1, 4])]}).encode()
-    r = client.post("/v2/models/iris/infer", content=gzip.compress(gzip.compress(raw)),
-                    headers={"content-encoding": "gzip, gzip"})
+    r = client.post(
+        "/v2/models/iris/infer", content=gzip.compress(gzip.compress(raw)), headers={"content-encoding": "gzip, gzip"}
+    )
     assert r.status_code == 415
     assert "stacks 2 codings" in r.json()["error"]
     r = client.post("/v2/models/iris/infer", content=gzip.compress(raw), headers={"content-encoding": "identity, gzip"})
@@ -328,13 +349,18 @@ def test_a_header_length_that_is_not_a_byte_count_is_a_400(length):
     assert "must be a byte count" in str(refused.value)
 
 
-@pytest.mark.parametrize("data", [
-    [5.1, [3.5, 1.4], 0.2, 0.3],  # ragged
-    [functools.reduce(lambda inner, _: [inner], range(70), 1), 2, 3, 4],  # 70 levels deep
-])
+@pytest.mark.parametrize(
+    "data",
+    [
+        [5.1, [3.5, 1.4], 0.2, 0.3],  # ragged
+        [functools.reduce(lambda inner, _: [inner], range(70), 1), 2, 3, 4],  # 70 levels deep
+    ],
+)
 def test_ragged_or_deep_nesting_is_a_400_naming_the_shape(client, data):
-    r = client.post("/v2/models/iris/infer", json={"inputs": [{"name": "input-0", "shape": [1, 4], "datatype": "FP64",
-                                                               "data": data}]})
+    r = client.post(
+        "/v2/models/iris/infer",
+        json={"inputs": [{"name": "input-0", "shape": [1, 4], "datatype": "FP64", "data": data}]},
+    )
     assert r.status_code == 400, r.text
     assert "data must be a flat list of 4 numbers, or lists nested as shape [1, 4]" in r.json()["error"]
 
@@ -351,16 +377,20 @@ def test_an_input_sent_twice_is_refused_not_guessed(client):
 
 
 def test_kserve_v1_predict_answers_predictions(client):
-    r = client.post("/v1/models/iris:predict", json={"instances": [ROW, dict(zip(FEATURES, TWO_ROWS[4:]))]})
+    second = dict(zip(FEATURES, TWO_ROWS[4:], strict=True))
+    r = client.post("/v1/models/iris:predict", json={"instances": [ROW, second]})
     assert r.status_code == 200
     assert r.json() == {"predictions": ["setosa", "virginica"]}
 
 
-@pytest.mark.parametrize(("path", "body", "status"), [
-    ("/v1/models/iris:predict", {"instances": [[1.0, 2.0]]}, 422),
-    ("/v1/models/iris:predict", {"instances": "x"}, 422),
-    ("/v1/models/nope:predict", {"instances": [ROW]}, 404),
-])
+@pytest.mark.parametrize(
+    ("path", "body", "status"),
+    [
+        ("/v1/models/iris:predict", {"instances": [[1.0, 2.0]]}, 422),
+        ("/v1/models/iris:predict", {"instances": "x"}, 422),
+        ("/v1/models/nope:predict", {"instances": [ROW]}, 404),
+    ],
+)
 def test_kserve_v1_errors_are_one_message(client, path, body, status):
     r = client.post(path, json=body)
     assert r.status_code == status
@@ -386,9 +416,13 @@ def test_versioned_routes_take_the_version_as_a_required_string(client):
             assert version["schema"]["type"] == "string"
 
 
-@pytest.mark.parametrize(("path", "method"), [("/v2/models/{name}/infer", "post"), ("/v2/models/{name}/config", "get"),
-                                              ("/v1/models/iris:predict", "post")])
+@pytest.mark.parametrize(
+    ("path", "method"),
+    [("/v2/models/{name}/infer", "post"), ("/v2/models/{name}/config", "get"), ("/v1/models/iris:predict", "post")],
+)
 def test_protocol_errors_are_documented_in_their_shape(client, path, method):
     responses = client.get("/openapi.json").json()["paths"][path][method]["responses"]
     for status in ("400", "404", "413", "422", "429"):
-        assert responses[status]["content"]["application/json"]["schema"]["$ref"] == "#/components/schemas/ProtocolError"
+        assert (
+            responses[status]["content"]["application/json"]["schema"]["$ref"] == "#/components/schemas/ProtocolError"
+        )

@@ -91,7 +91,7 @@ def test_many_problems_are_capped_with_a_count():
 
 
 def test_the_message_of_the_failure_names_the_first_problem():
-    with pytest.raises(ValidationFailure, match="^0 petal_width: feature is missing$"):
+    with pytest.raises(ValidationFailure, match=r"^0 petal_width: feature is missing$"):
         to_matrix([{k: v for k, v in ROW.items() if k != "petal_width"}], FEATURES, 1e9)
 
 

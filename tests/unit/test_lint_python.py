@@ -1,0 +1,21 @@
+"""The Python of the kit passes ruff with the rule selection in pyproject.toml: the service, the tests, the
+benchmarks and the sandbox script."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+PATHS = ["app", "tests", "bench", "scripts/sandbox/sandbox"]
+
+
+def test_ruff_finds_nothing():
+    result = subprocess.run([str(BIN / "ruff"), "check", "--no-cache", "--output-format", "concise", *PATHS],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, (
+        "ruff found problems; fix each one it names (`ruff check --fix` fixes the safe ones):\n"
+        + result.stdout + result.stderr
+    )
