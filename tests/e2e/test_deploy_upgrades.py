@@ -58,27 +58,6 @@ def test_model_version_deploy_under_load(sandbox, provisioned, tmp_path):
     assert load.result.failed == 0, load.result.summary()
 
 
-def test_a_version_with_its_features_reordered_deploys_under_load(sandbox, provisioned, tmp_path):
-    """The request contract follows the version a reload brings in: requests by name never fail during the
-    switch, a list in the new version's order is scored by it, and /openapi.json shows its order."""
-    packages = tmp_path / "models"
-    order = ["petal_width", "petal_length", "sepal_width", "sepal_length"]
-    iris_package(packages, "iris", "4", order)
-    with continuous_client(sandbox) as load:
-        run = run_playbook(sandbox, "deploy-model.yml", {"app_models_src": str(packages)},
-                           label="deploy-model-reordered")
-    record_load("model version with its features reordered (deploy-model.yml)", load.result)
-    assert run.returncode == 0, f"deploy-model.yml failed (log: {run.log}):\n{run.tail()}"
-    with https(sandbox) as client:
-        by_name = client.post("/v1/predict", json=IRIS)
-        as_list = client.post("/v1/predict", json={"features": [IRIS["features"][f] for f in order]})
-        shown = client.get("/openapi.json").json()["components"]["schemas"]["IrisFeatures"]["properties"]
-    assert [(r.status_code, r.json()["version"], r.json()["prediction"]) for r in (by_name, as_list)] == [
-        (200, "4", "setosa")] * 2
-    assert [p["title"] for p in shown.values()] == order
-    assert load.result.failed == 0, load.result.summary()
-
-
 def test_model_version_deploys_while_the_store_is_down(sandbox, provisioned, tmp_path):
     """The shared Redis stopped: every instance stays ready, so the reload gates pass and the version switches
     under load; predictions go on without rate limits meanwhile."""
@@ -98,6 +77,28 @@ def test_model_version_deploys_while_the_store_is_down(sandbox, provisioned, tmp
     assert run.returncode == 0, f"deploy-model.yml failed with the store down (log: {run.log}):\n{run.tail()}"
     assert store == "503", "the instance did not notice that the store was down"
     assert "3" in served_versions(sandbox, "iris")
+    assert load.result.failed == 0, load.result.summary()
+
+
+def test_a_version_with_its_features_reordered_deploys_under_load(sandbox, provisioned, tmp_path):
+    """The request contract follows the version a reload brings in: requests by name never fail during the
+    switch, a list in the new version's order is scored by it, and /openapi.json shows its order. Version 4:
+    newer than the versions the tests above deploy, so it is the one that serves."""
+    packages = tmp_path / "models"
+    order = ["petal_width", "petal_length", "sepal_width", "sepal_length"]
+    iris_package(packages, "iris", "4", order)
+    with continuous_client(sandbox) as load:
+        run = run_playbook(sandbox, "deploy-model.yml", {"app_models_src": str(packages)},
+                           label="deploy-model-reordered")
+    record_load("model version with its features reordered (deploy-model.yml)", load.result)
+    assert run.returncode == 0, f"deploy-model.yml failed (log: {run.log}):\n{run.tail()}"
+    with https(sandbox) as client:
+        by_name = client.post("/v1/predict", json=IRIS)
+        as_list = client.post("/v1/predict", json={"features": [IRIS["features"][f] for f in order]})
+        shown = client.get("/openapi.json").json()["components"]["schemas"]["IrisFeatures"]["properties"]
+    assert [(r.status_code, r.json()["version"], r.json()["prediction"]) for r in (by_name, as_list)] == [
+        (200, "4", "setosa")] * 2
+    assert [p["title"] for p in shown.values()] == order
     assert load.result.failed == 0, load.result.summary()
 
 
