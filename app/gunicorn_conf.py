@@ -47,7 +47,6 @@ if not os.environ.get("MLAPI_MASTER_STARTED"):
             _entry.unlink(missing_ok=True)
 
 from app.logs import get_logger, logging_config  # noqa: E402
-from app.main import create_app  # noqa: E402
 
 bind = [_settings.bind]
 workers = _settings.workers
@@ -71,6 +70,10 @@ control_socket_disable = True
 def _load_and_rebuild(server) -> None:  # type: ignore[no-untyped-def]
     """Load the model packages in the master, then build the app the next workers fork with from what loaded:
     its routes, request schemas and /openapi.json show the versions the gate let through (app/main.py)."""
+    # Imported here, not with this file: a configuration that extends it without preloading (the benchmark's
+    # bench/gunicorn_no_preload.py) keeps a master that never imports the app.
+    from app.main import create_app
+
     app = server.app.wsgi()
     registry = app.state.registry
     # What the last freeze kept is collectable again: the app and the models a reload replaces are freed.
