@@ -121,3 +121,12 @@ class GracefulWorker(UvicornWorker):
         GracefulHttpToolsProtocol.concurrency_limit = settings.limit_concurrency or None
         super().__init__(*args, **kwargs)
         GracefulHttpToolsProtocol.master_pid = self.ppid
+
+    def run(self) -> None:
+        # The listening sockets go to the event loop as the socket objects gunicorn's wrappers hold. uvloop takes
+        # ownership of a socket.socket (libuv closes its descriptor, the object is detached), but closes any other
+        # object once more after libuv did: a second close(2) of a descriptor number that another thread of this
+        # worker may have just been given (a /metrics render's lock file, a prediction log), while the worker
+        # retires with requests still running.
+        self.sockets = [getattr(sock, "sock", sock) for sock in self.sockets]
+        super().run()

@@ -25,6 +25,7 @@ packages=(
   shellcheck                             # checks the shell of the CI workflow example (with actionlint)
   libarchive-tools                       # bsdtar: the release archive must not depend on GNU tar
   gnupg                                  # checks Ubuntu's archive keyring against pinned fingerprints
+  strace                                 # the worker test counts failed close(2) calls of retiring workers
 )
 if [ "$with_sandbox" = 1 ]; then
   packages+=(

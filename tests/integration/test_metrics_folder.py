@@ -35,6 +35,8 @@ class Run:
     predictions: int = 0  # answered, whatever the status
     transport_errors: list[str] = field(default_factory=list)
     scrapes: list[tuple[int, float]] = field(default_factory=list)  # (status, predictions counted)
+    failed_scrapes: list[str] = field(default_factory=list)  # what a scrape that was not a 200 answered
+    server_log: str = ""
     recycles: int = 0
     final: str = ""
     files: list[str] = field(default_factory=list)
@@ -49,6 +51,13 @@ def _counted(text: str, route: str) -> float:
         for sample in family.samples
         if sample.name == "mlapi_http_requests_total" and sample.labels.get("route") == route
     )
+
+
+def _errors(log: str) -> str:
+    """The server log's error records and tracebacks, for a failure message."""
+    lines = log.splitlines()
+    keep = [i for i, line in enumerate(lines) if "Traceback" in line or '"ERROR"' in line]
+    return "\n".join("\n".join(lines[i:i + 40]) for i in keep[:3])
 
 
 def _gauge(text: str, name: str) -> float:
@@ -90,6 +99,8 @@ def recycled(demo_models) -> Run:
                 while not done.is_set():
                     r = client.get("/metrics")
                     run.scrapes.append((r.status_code, _counted(r.text, PATH) if r.status_code == 200 else -1))
+                    if r.status_code != 200:
+                        run.failed_scrapes.append(f"{r.status_code} {r.text[:300]}")
 
         threads = [threading.Thread(target=predict) for _ in range(CLIENTS)] + [threading.Thread(target=scrape)]
         for thread in threads:
@@ -124,6 +135,7 @@ def recycled(demo_models) -> Run:
             rendering.clear()
             watcher.join(10)
         run.files = sorted(os.listdir(server.metrics_dir))
+        run.server_log = server.output()
         seen.append(len(run.files))
         run.file_counts = (min(seen), max(seen))
     assert run.recycles >= RECYCLES, f"only {run.recycles} recycles in {run.predictions} predictions"
@@ -143,7 +155,7 @@ def test_every_prediction_is_counted_once_across_recycled_workers(recycled):
 def test_scrapes_during_recycling_never_see_a_counter_go_back(recycled):
     statuses = {status for status, _ in recycled.scrapes}
     counts = [count for _, count in recycled.scrapes]
-    assert statuses == {200}
+    assert statuses == {200}, (recycled.failed_scrapes[:3], _errors(recycled.server_log))
     assert len(counts) > 10, "too few scrapes to show anything"
     assert all(a <= b for a, b in pairwise(counts)), counts
 

@@ -101,3 +101,37 @@ def test_a_worker_at_its_concurrency_limit_answers_503_in_the_error_shape(demo_m
     assert refused.status_code == 503
     assert refused.headers["retry-after"] == "1"
     assert refused.json()["error"]["code"] == "overloaded"
+
+
+@pytest.mark.parametrize("retirement", ["max_requests", "sighup"])
+def test_a_retiring_worker_closes_each_descriptor_once(demo_models, tmp_path, retirement):
+    """Every close(2) of the workers succeeds (strace follows the master's children as they are forked).
+
+    A second close of a descriptor number that was already closed fails with EBADF when nothing took the number
+    meanwhile, and otherwise closes what another thread of the worker has just opened: under load, a /metrics
+    render's lock file (a 500) or a prediction log."""
+    with gunicorn(_service_env(demo_models, 4 if retirement == "max_requests" else 0), workers=2) as server:
+        trace = tmp_path / "close.trace"
+        strace = subprocess.Popen(["strace", "-f", "-qq", "-e", "trace=close", "-e", "status=failed",
+                                   "-o", str(trace), "-p", str(server.pid)], stderr=subprocess.PIPE, text=True)
+        try:
+            wait_for(lambda: trace.exists(), 10, what="strace attached")
+            time.sleep(0.5)
+            for _ in range(3):
+                booted = server.output().count(BOOTED)
+                if retirement == "sighup":
+                    server.signal(signal.SIGHUP)
+                else:
+                    for _ in range(12):  # a new connection each: every worker meets its limit
+                        httpx.post(server.url + PATH, json={"features": IRIS_ROW}, timeout=10)
+                wait_for(lambda booted=booted: server.output().count(BOOTED) >= booted + 2, 30,
+                         what="replacement workers")
+            time.sleep(1)  # the last retired workers finish exiting
+        finally:
+            strace.terminate()
+            _, err = strace.communicate(timeout=30)
+        log = server.output()
+    retired = log.count(RECYCLED) if retirement == "max_requests" else log.count(BOOTED) - 2
+    assert retired >= 3, f"only {retired} workers retired; the test proves nothing (strace: {err})"
+    failed = [line for line in trace.read_text().splitlines() if "close(" in line]
+    assert failed == [], f"{len(failed)} failed close(2) calls in {retired} retirements, e.g. {failed[:3]}"
