@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import threading
 from itertools import pairwise
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import numpy as np
 
@@ -89,7 +89,7 @@ def reference_statistics(X: np.ndarray, features: list[Any]) -> dict[str, dict[s
     return reference
 
 
-def _finite_numbers(value: Any) -> bool:
+def _finite_numbers(value: Any) -> TypeGuard[list[float]]:
     return isinstance(value, list) and all(
         isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in value
     )

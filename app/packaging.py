@@ -446,8 +446,8 @@ def _unpickle(path: Path, manifest: Manifest, data: bytes) -> Any:
                 "rebuild the package from the trained model",
             ) from None
     for warning in caught:
-        if issubclass(warning.category, InconsistentVersionWarning):
-            w = warning.message
+        w = warning.message
+        if isinstance(w, InconsistentVersionWarning):
             raise PackageError(
                 path,
                 "versions",
@@ -1045,6 +1045,7 @@ def build_package(
     elif served.shape != (len(batch),):
         raise ValueError("multi-output regressors are not supported")
 
+    onnx_record: dict[str, Any]
     onnx_bytes, onnx_record = (None, {"kept": False, "reason": "disabled when packaging", "max_abs_diff": None})
     if onnx:
         # String features: one ONNX input per feature (string tensors for the encoders), through the same gate.

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any, ClassVar
+from typing import Any
 
 from limits.storage import RedisStorage
 
@@ -72,11 +72,15 @@ class GuardedRedisStorage(RedisStorage):
     an empty store would: the request is within its limits.
     """
 
-    STORAGE_SCHEME: ClassVar[list[str]] = [_SCHEME_PREFIX + s for s in ("redis", "rediss", "redis+unix")]
+    # Declared by limits's Storage as an instance attribute, set per class.
+    STORAGE_SCHEME = [_SCHEME_PREFIX + s for s in ("redis", "rediss", "redis+unix")]  # noqa: RUF012
 
     def __init__(self, uri: str, breaker: StoreBreaker, **options: Any) -> None:
         self.breaker = breaker
         super().__init__(uri.removeprefix(_SCHEME_PREFIX), **options)
+        base = self.base_exceptions
+        # What a failed call raises: the client library's errors, and the socket's.
+        self._failures: tuple[type[BaseException], ...] = (*(base if isinstance(base, tuple) else (base,)), OSError)
 
     def _guarded(self, call: Any, *args: Any, fallback: Any, **kwargs: Any) -> Any:
         if self.breaker.open:
@@ -84,7 +88,7 @@ class GuardedRedisStorage(RedisStorage):
             return fallback() if callable(fallback) else fallback
         try:
             result = call(*args, **kwargs)
-        except (self.base_exceptions, OSError) as exc:
+        except self._failures as exc:
             self.breaker.failed(exc)
             RATE_LIMIT_BYPASSED.inc()
             return fallback() if callable(fallback) else fallback
@@ -109,7 +113,7 @@ class GuardedRedisStorage(RedisStorage):
             return False
         try:
             ok = bool(self.get_connection().ping())
-        except (self.base_exceptions, OSError) as exc:
+        except self._failures as exc:
             self.breaker.failed(exc)
             return False
         self.breaker.succeeded()

@@ -194,7 +194,8 @@ class ModelRegistry:
         self._stamps[(name, version)] = stamp
         return model
 
-    def _try(self, name: str, version: str, previous: ServedModel | None, failures: list[dict[str, str]]):
+    def _try(self, name: str, version: str, previous: ServedModel | None, failures: list[dict[str, str]]
+             ) -> LoadedModel | None:
         try:
             return self._load_one(name, version, previous)
         except Exception as exc:  # PackageError, or anything else: a refusal of this package either way

@@ -50,12 +50,12 @@ def _value_type(feature: Feature, max_abs: float) -> Any:
         if feature.allow_unknown:
             return Annotated[str, Field(description=f"{feature.name} (string: a category; known "
                                                     f"{list(feature.categories or ())}, others are scored too)")]
-        return Annotated[Literal[tuple(feature.categories or ())],  # type: ignore[misc]
+        return Annotated[Literal[tuple(feature.categories or ())],
                          Field(description=f"{feature.name} (string: one of the categories the model knows)")]
     if feature.type == "bool":
         return Annotated[bool, Field(description=f"{feature.name} (bool)")]
     if feature.type == "int" and feature.categories is not None and not feature.allow_unknown:
-        return Annotated[Literal[tuple(feature.categories)],  # type: ignore[misc]
+        return Annotated[Literal[tuple(feature.categories)],
                          Field(description=f"{feature.name} (int: one of the values the model's encoder knows)")]
     number = int if feature.type == "int" else float
     return Annotated[number, Field(ge=-max_abs, le=max_abs, description=f"{feature.name} ({feature.type})")]
@@ -72,7 +72,7 @@ def feature_model(manifest: Manifest, max_abs: float) -> type[FeaturesBase]:
         )
         for field_name, feature in zip(field_names(manifest), manifest.features, strict=True)
     }
-    return create_model(  # type: ignore[call-overload,no-any-return]
+    return create_model(
         _class_name(manifest.name, "Features"),
         __base__=FeaturesBase,
         __doc__=f"Features of model {manifest.name!r}, by name (or as a list in this order).",
@@ -83,7 +83,7 @@ def feature_model(manifest: Manifest, max_abs: float) -> type[FeaturesBase]:
 def _parsed_only(manifest: Manifest, max_abs: float) -> Any:
     """A body value pydantic parses without checking; the schema shows the features by name, or as a list
     of exactly one value per feature in manifest order."""
-    in_order = tuple[tuple(_value_type(f, max_abs) for f in manifest.features)]  # type: ignore[misc]
+    in_order = tuple[tuple(_value_type(f, max_abs) for f in manifest.features)]  # type: ignore[misc, valid-type]
     shown = feature_model(manifest, max_abs) | in_order
     return Annotated[Any, PlainValidator(lambda value: value, json_schema_input_type=shown)]
 

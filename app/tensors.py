@@ -134,10 +134,10 @@ def read_binary(name: str, datatype: str, shape: list[int], chunk: bytes) -> lis
             f"input {name!r}: shape {shape} of {datatype} needs {count * dtype.itemsize} bytes of binary data, "
             f"got {len(chunk)}",
         )
-    values = np.frombuffer(chunk, dtype=dtype)
+    array = np.frombuffer(chunk, dtype=dtype)
     if datatype == "FP16":
-        values = values.astype(np.float64)
-    return values.tolist()
+        array = array.astype(np.float64)
+    return array.tolist()
 
 
 def to_binary(values: np.ndarray, datatype: str) -> bytes:

@@ -100,7 +100,7 @@ def _describe_number(value: Any) -> str | None:
     return None
 
 
-def known_values(categories: Sequence[str]) -> str:
+def known_values(categories: Sequence[object]) -> str:
     shown = list(categories[:MAX_NAMED_CATEGORIES])
     more = len(categories) - len(shown)
     return f"{shown}" + (f" and {more} more" if more else "")
@@ -271,15 +271,15 @@ class InputSchema:
             problems = _range_problems(array.reshape(-1, 1), [spec.name], max_abs)
         if spec.type == "int":
             finite = np.isfinite(array)
-            for i in np.nonzero(finite & (array != np.floor(array)))[0]:
-                problems.append({"loc": [int(i), spec.name], "msg": _not_whole(float(array[i]))})
+            for i in np.nonzero(finite & (array != np.floor(array)))[0].tolist():
+                problems.append({"loc": [i, spec.name], "msg": _not_whole(float(array[i]))})
             if not problems:
                 whole = array.astype(np.int64)
                 known = self._int_known.get(spec.name)
                 if known is not None:
-                    for i in np.nonzero(~np.isin(whole, known))[0]:
-                        problems.append({"loc": [int(i), spec.name],
-                                         "msg": unknown_value(int(whole[i]), spec.categories)})
+                    for i in np.nonzero(~np.isin(whole, known))[0].tolist():
+                        problems.append({"loc": [i, spec.name],
+                                         "msg": unknown_value(int(whole[i]), spec.categories or ())})
                 return (whole, []) if not problems else (np.empty(0), problems)
         return array, problems
 
@@ -339,11 +339,11 @@ def reference_row(features: Sequence[Any], reference: dict[str, dict[str, Any]])
     return row
 
 
-def unknown_category(value: str, categories: Sequence[str]) -> str:
+def unknown_category(value: str, categories: Sequence[object]) -> str:
     return f"{value!r} is not a known category; known: {known_values(categories)}"
 
 
-def unknown_value(value: int, categories: Sequence[int]) -> str:
+def unknown_value(value: int, categories: Sequence[object]) -> str:
     return f"{value} is not a value the model knows (its encoder refuses others); known: {known_values(categories)}"
 
 

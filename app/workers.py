@@ -128,5 +128,5 @@ class GracefulWorker(UvicornWorker):
         # object once more after libuv did: a second close(2) of a descriptor number that another thread of this
         # worker may have just been given (a /metrics render's lock file, a prediction log), while the worker
         # retires with requests still running.
-        self.sockets = [getattr(sock, "sock", sock) for sock in self.sockets]
+        self.sockets = [getattr(sock, "sock", sock) for sock in self.sockets]  # type: ignore[has-type]
         super().run()

@@ -11,6 +11,7 @@ import tempfile
 from collections.abc import Iterator
 from itertools import islice
 from pathlib import Path
+from typing import BinaryIO, cast
 
 from app.cli.arguments import non_negative_float, positive_int
 from app.cli.progress import LINE_SECONDS, Progress
@@ -158,7 +159,7 @@ def score_file(
                 rows_done += len(chunk)
                 if progress is not None:
                     # Bytes read over the file's size: known without a first pass to count the rows.
-                    progress.update(rows_done, fh_in.buffer.tell() / size if size else None)
+                    progress.update(rows_done, cast(BinaryIO, fh_in.buffer).tell() / size if size else None)
             fh_out.flush()
             os.fsync(fh_out.fileno())
         os.chmod(temporary, 0o644)

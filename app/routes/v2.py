@@ -240,10 +240,10 @@ def decode(body: InferenceRequest, model: LoadedModel, max_abs: float, max_rows:
         raise _bad("no rows to score")
     for t in tensors:
         needed = math.prod(t.shape)
-        count = _count_values(t.data)
+        count = _count_values(t.data or [])
         if count != needed:
             raise _bad(f"input {t.name!r}: shape {t.shape} needs {needed} values, got {count}")
-        if t.datatype not in ("BYTES", "BOOL") and not _only_numbers(t.data):
+        if t.datatype not in ("BYTES", "BOOL") and not _only_numbers(t.data or []):
             raise _bad(f"input {t.name!r}: data must be numbers (JSON numbers, not strings, booleans or null)")
     single = tensors[0].name if len(tensors) == 1 and tensors[0].name not in names else None
     try:
@@ -271,7 +271,7 @@ def decode(body: InferenceRequest, model: LoadedModel, max_abs: float, max_rows:
                 ) from None
             return schema.matrix(X, max_abs)
         by_name = {t.name: t for t in tensors}
-        return schema.columns([_flat(by_name[n].data) for n in names], max_abs)
+        return schema.columns([_flat(by_name[n].data or []) for n in names], max_abs)
     except ValidationFailure as exc:
         raise _refused(exc, single) from None
 
@@ -414,6 +414,7 @@ def _outputs(scored: Scored, requested: list[tuple[str, int, bool]]) -> list[tup
     n = scored.labels.shape[0]
     outputs = []
     for name, k, binary in requested:
+        parameters: dict[str, Any]
         if name == "predict":
             values, parameters = scored.labels.reshape(n, 1), {"content_type": "np"}
         else:
@@ -576,7 +577,7 @@ def build_router(settings: Settings, limiter: Limiter) -> APIRouter:
     }
     for suffix in ("", "/versions/{version}"):
         tag = "_versioned" if suffix else ""
-        for kind, endpoint, method, limit, extra in (
+        routes: tuple[tuple[str, Any, str, Any, dict[str, Any]], ...] = (
             ("metadata", metadata, "GET", api_limit, {}),
             ("ready", model_ready, "GET", api_limit, {}),
             ("config", config, "GET", api_limit, {}),
@@ -595,7 +596,8 @@ def build_router(settings: Settings, limiter: Limiter) -> APIRouter:
                     "unless outputs names predict_proba too.",
                 },
             ),
-        ):
+        )
+        for kind, endpoint, method, limit, extra in routes:
             operation_id = f"v2_model_{kind}{tag}"
             route_endpoint = _route_endpoint(endpoint, operation_id, versioned=bool(suffix))
             router.add_api_route(

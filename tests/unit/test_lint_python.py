@@ -1,5 +1,5 @@
-"""The Python of the kit passes ruff with the rule selection in pyproject.toml: the service, the tests, the
-benchmarks and the sandbox script."""
+"""The Python of the kit passes ruff with the rule selection in pyproject.toml (the service, the tests, the
+benchmarks and the sandbox script), and the service's own code, app/, passes mypy with the settings there."""
 
 from __future__ import annotations
 
@@ -18,4 +18,13 @@ def test_ruff_finds_nothing():
     assert result.returncode == 0, (
         "ruff found problems; fix each one it names (`ruff check --fix` fixes the safe ones):\n"
         + result.stdout + result.stderr
+    )
+
+
+def test_mypy_finds_nothing_in_the_service():
+    # The files and settings come from [tool.mypy]; no cache, so the result never depends on an earlier run.
+    result = subprocess.run([str(BIN / "mypy"), "--no-incremental", "--cache-dir", "/dev/null"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, (
+        "mypy found problems in app/; annotate or fix each one it names:\n" + result.stdout + result.stderr
     )
