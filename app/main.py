@@ -67,30 +67,23 @@ def route_manifests(settings: Settings) -> dict[str, Manifest]:
         if route is not None:
             versions = sorted(route.versions, key=lambda v: -route.versions[v]) + versions
         for version in versions:
-            try:
-                manifest = Manifest.from_dict(json.loads((models_dir / name / version / "manifest.json").read_bytes()))
-                request_models(manifest, settings.max_abs_value, settings.max_batch_size)
-            except Exception as exc:  # anything: one model's manifest never stops the app from starting
-                log.warning("no routes from this manifest", extra={
-                    "model": name, "version": version, "detail": f"{type(exc).__name__}: {exc}"})
-                continue
-            manifests[name] = manifest
-            break
+            manifest = _routable(name, version, settings, models_dir / name / version / "manifest.json")
+            if manifest is not None:
+                manifests[name] = manifest
+                break
     return manifests
 
 
-def _routable(manifests: dict[str, Manifest], settings: Settings) -> dict[str, Manifest]:
-    """The manifests a request schema can be made from; one that cannot shape one is left out, logged."""
-    routable: dict[str, Manifest] = {}
-    for name, manifest in manifests.items():
-        try:
-            request_models(manifest, settings.max_abs_value, settings.max_batch_size)
-        except Exception as exc:  # anything: one model's manifest never stops the app from being built
-            log.warning("no routes from this manifest", extra={
-                "model": name, "version": manifest.version, "detail": f"{type(exc).__name__}: {exc}"})
-            continue
-        routable[name] = manifest
-    return routable
+def _routable(name: str, version: str, settings: Settings, source: Manifest | Path) -> Manifest | None:
+    """The manifest (given, or read from its file) if a request schema can be made from it; else None, logged."""
+    try:
+        manifest = source if isinstance(source, Manifest) else Manifest.from_dict(json.loads(source.read_bytes()))
+        request_models(manifest, settings.max_abs_value, settings.max_batch_size)
+    except Exception as exc:  # anything: one model's manifest never stops the app from being built
+        log.warning("no routes from this manifest", extra={
+            "model": name, "version": version, "detail": f"{type(exc).__name__}: {exc}"})
+        return None
+    return manifest
 
 
 def create_app(settings: Settings | None = None, registry: ModelRegistry | None = None) -> FastAPI:
@@ -135,7 +128,8 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
     app.state.rate_store = rate_store
 
     if registry.loaded:
-        manifests = _routable(serving_manifests(registry), settings)
+        manifests = {name: manifest for name, candidate in serving_manifests(registry).items()
+                     if (manifest := _routable(name, candidate.version, settings, candidate)) is not None}
         default = registry.default_name
     else:
         manifests = route_manifests(settings)
