@@ -41,6 +41,8 @@ def _new_key(tmp_path: Path, name: str) -> tuple[Path, str]:
     fingerprint = next(line.split(":")[9] for line in listing.stdout.splitlines() if line.startswith("fpr:"))
     keyring = tmp_path / f"{name}.gpg"
     keyring.write_bytes(subprocess.run([*gpg, "--export"], check=True, capture_output=True).stdout)
+    # Generating the key started a gpg-agent for this home: it would outlive the test.
+    subprocess.run(["gpgconf", "--homedir", str(home), "--kill", "gpg-agent"], check=True, capture_output=True)
     return keyring, fingerprint
 
 
