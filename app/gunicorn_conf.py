@@ -50,7 +50,7 @@ from app.logs import get_logger, logging_config  # noqa: E402
 
 bind = [_settings.bind]
 workers = _settings.workers
-worker_class = "app.workers.GracefulWorker"
+worker_class = "app.server.workers.GracefulWorker"
 preload_app = True
 max_requests = _settings.max_requests
 max_requests_jitter = _settings.max_requests_jitter

@@ -17,7 +17,7 @@ request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
 
 ACCESS_LOGGER = "mlapi.access"
 APP_LOGGER = "mlapi"
-PREDICTION_LOGGER = "mlapi.predictions"  # the prediction log's journal sink (app/predictionlog.py)
+PREDICTION_LOGGER = "mlapi.predictions"  # the prediction log's journal sink (app/serving/predictionlog.py)
 
 
 class RequestIdFilter(logging.Filter):

@@ -25,17 +25,18 @@ from slowapi import Limiter
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from app import __version__
+from app.api import docs, health, models, predict, v2
+from app.api.schemas import request_models
+from app.api.security import rate_limit_key
 from app.errors import install_error_handlers
 from app.logs import configure_logging, get_logger
-from app.middleware import RequestContextMiddleware
-from app.packaging import Manifest, PackageError, discover
-from app.predictionlog import PredictionLog
-from app.ratestore import RateStore
-from app.registry import ModelRegistry, _version_key
+from app.packages.gate import discover
+from app.packages.manifest import Manifest, PackageError
 from app.responses import FastJSONResponse
-from app.routes import docs, health, models, predict, v2
-from app.schemas import request_models
-from app.security import rate_limit_key
+from app.server.middleware import RequestContextMiddleware
+from app.server.ratestore import RateStore
+from app.serving.predictionlog import PredictionLog
+from app.serving.registry import ModelRegistry, _version_key
 from app.settings import Settings, get_settings
 
 log = get_logger("app")
@@ -106,7 +107,7 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
         description="Predictions from scikit-learn model packages. Errors share one JSON shape; see each route.",
         default_response_class=FastJSONResponse,
         lifespan=lifespan,
-        # Served by app/routes/docs.py, behind the API key when keys are required.
+        # Served by app/api/docs.py, behind the API key when keys are required.
         openapi_url=None,
         docs_url=None,
         redoc_url=None,

@@ -151,7 +151,7 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level of all loggers.")
     access_log: bool = Field(True, description="Write one JSON access line per request.")
 
-    # Prediction log (app/predictionlog.py)
+    # Prediction log (app/serving/predictionlog.py)
     prediction_log_sample: float = Field(
         0.0, ge=0, le=1, description=(
             "Fraction of scored requests whose inputs and outputs go to the prediction log, e.g. 0.05 "

@@ -461,7 +461,7 @@ def build_forest(target_mb: int) -> tuple[Path, float]:
     from sklearn.datasets import make_classification
     from sklearn.ensemble import RandomForestClassifier
 
-    from app.packaging import build_package
+    from app.packages.build import build_package
 
     log(f"building a ~{target_mb} MB RandomForest for the memory figure (cached afterwards)")
     # Label noise keeps the trees growing: fully grown trees on noisy data are large.

@@ -18,7 +18,7 @@ import numpy as np
 from sklearn.datasets import load_iris
 from sklearn.linear_model import LogisticRegression
 
-from app.packaging import build_package
+from app.packages.build import build_package
 
 MODEL_JOBLIB = "model.joblib"
 MANIFEST = "manifest.json"
@@ -73,7 +73,7 @@ def replace_the_model_with_a_dict(package: Path) -> None:
     resign(package)
 
 
-# The check of app.packaging that refuses each kind, and how to make one.
+# The check of the load gate (app/packages/gate.py) that refuses each kind, and how to make one.
 REFUSED_KINDS: dict[str, Callable[[Path], None]] = {
     "unreadable": truncate_the_model,
     "sha256": change_the_model_after_hashing,

@@ -1,7 +1,7 @@
 """``mlapi package``: turn a fitted scikit-learn model saved with joblib into a model package.
 
 Building runs on the controller: the ONNX conversion (skl2onnx) is imported by
-app.packaging only when a package is built, never by the service.
+app/packages/build.py only when a package is built; the service never imports that module.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from app.packaging import FEATURE_TYPES, build_package, encoder_categories
+from app.packages.build import build_package, encoder_categories
+from app.packages.manifest import FEATURE_TYPES
 
 COMMAND = "package"
 SUMMARY = "turn a fitted scikit-learn model (joblib) into a verified model package"

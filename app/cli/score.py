@@ -15,8 +15,9 @@ from typing import BinaryIO, cast
 
 from app.cli.arguments import non_negative_float, positive_int
 from app.cli.progress import LINE_SECONDS, Progress
-from app.packaging import LoadedModel, PackageError, load_package
-from app.validation import ValidationFailure
+from app.packages.gate import LoadedModel, load_package
+from app.packages.manifest import PackageError
+from app.packages.validation import ValidationFailure
 
 COMMAND = "score"
 SUMMARY = "score a CSV file offline with a model package"

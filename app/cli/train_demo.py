@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from app.packaging import build_package
+from app.packages.build import build_package
 
 IRIS_FEATURES = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
 RANDOM_STATE = 42

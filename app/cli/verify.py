@@ -1,6 +1,6 @@
 """``mlapi verify DIR``: the compatibility gate and one smoke score on a package folder.
 
-Hosts run the same gate as ``python -m app.packaging verify DIR`` from the
+Hosts run the same gate as ``python -m app.cli verify DIR`` from the
 release folder, where the ``mlapi`` command is not installed.
 """
 
@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from app.cli.arguments import positive_int
-from app.packaging import PackageError, load_package
+from app.packages.gate import load_package
+from app.packages.manifest import PackageError
 
 COMMAND = "verify"
 SUMMARY = "run the compatibility gate and one smoke score on a package folder"
@@ -32,7 +33,7 @@ example:
   mlapi verify models/iris/1
   mlapi verify models/iris/1 --engine sklearn
 
-On a host, where the release is not pip-installed: python -m app.packaging verify DIR"""
+On a host, where the release is not pip-installed: python -m app.cli verify DIR"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

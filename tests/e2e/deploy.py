@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from app.cli.train_demo import DEMO_MODELS
-from app.packaging import PackageError, load_package
+from app.packages.gate import load_package
+from app.packages.manifest import PackageError
 from tests.servers import mlapi
 
 from load import IRIS, ContinuousClient, HttpsClient

@@ -70,7 +70,7 @@ def test_the_playbook_fails(refused_deploy):
     run, _, _ = refused_deploy
     assert run.returncode != 0, (
         f"deploy-model.yml succeeded with packages that fail the gate (log: {run.log}); the role must run "
-        "`python -m app.packaging verify` on every new package and stop before moving any into service")
+        "`python -m app.cli verify` on every new package and stop before moving any into service")
 
 
 @pytest.mark.parametrize("check", list(REFUSED_KINDS))
@@ -83,7 +83,7 @@ def test_each_bad_package_is_refused_by_its_own_check(refused_deploy, check):
         f"the role must stop with one message per refused package:\n{run.tail()}")
     assert f"failed the {check} check" in reports[0], (
         f"the refusal of {MODEL}/refused-{check} does not name the {check} check; the role must pass on the "
-        f"message of `python -m app.packaging verify`: {reports[0]}")
+        f"message of `python -m app.cli verify`: {reports[0]}")
 
 
 def test_the_old_versions_keep_serving(sandbox, refused_deploy):
@@ -114,7 +114,7 @@ def test_the_good_package_passed_the_gate_on_the_host(refused_deploy):
     item = f"(item={MODEL}/{GOOD_VERSION})"
     assert any(line.startswith("ok:") and item in line for line in verify), (
         f"the gate did not pass the unchanged demo package {MODEL}/{GOOD_VERSION} on the host "
-        f"(log: {run.log}); check the release's venv on the host with `python -m app.packaging verify`:\n"
+        f"(log: {run.log}); check the release's venv on the host with `python -m app.cli verify`:\n"
         + "\n".join(verify))
 
 

@@ -23,7 +23,7 @@ import tritonclient.http as triton
 from sklearn.datasets import load_iris
 from tritonclient.utils import InferenceServerException
 
-from app.packaging import load_package
+from app.packages.gate import load_package
 from tests.client_envs import client_python
 from tests.servers import Process, free_port, gunicorn, wait_for
 

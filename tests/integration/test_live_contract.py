@@ -22,7 +22,7 @@ import joblib
 import numpy as np
 import pytest
 
-from app.schemas import _class_name
+from app.api.schemas import _class_name
 from tests.model_packages import drop_the_bin_edges, iris_package, read_manifest
 from tests.servers import Gunicorn, gunicorn, wait_for
 from tests.unit.conftest import IRIS_ROW

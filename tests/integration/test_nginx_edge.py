@@ -16,8 +16,8 @@ import subprocess
 
 import pytest
 
-from app.middleware import STRICT_CSP_HEADER
-from app.routes.docs import REDOC_CSP, SWAGGER_UI_CSP
+from app.api.docs import REDOC_CSP, SWAGGER_UI_CSP
+from app.server.middleware import STRICT_CSP_HEADER
 
 from nginx_helpers import (
     ERROR_FIELDS,

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from app.cli.train_demo import churn_data
-from app.packaging import ONNX_TOLERANCE
+from app.packages.manifest import ONNX_TOLERANCE
 from tests.mlserver_codec import pandas_codec_request
 from tests.servers import gunicorn
 

@@ -1,4 +1,4 @@
-"""The service's gunicorn worker (app/workers.py): graceful retirement and its concurrency limit.
+"""The service's gunicorn worker (app/server/workers.py): graceful retirement and its concurrency limit.
 
 Workers that retire (recycled after max_requests, replaced on SIGHUP) drop no request: wrk keeps
 64 connections alive straight to gunicorn and sends the next request the moment an answer arrives,

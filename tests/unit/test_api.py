@@ -316,7 +316,7 @@ def test_metrics_expose_request_and_prediction_counts(client):
 
 
 def test_unhandled_errors_are_500_without_a_traceback(make_client, demo_models, monkeypatch, capsys):
-    from app.packaging import LoadedModel
+    from app.packages.gate import LoadedModel
 
     def broken(self, X):
         raise RuntimeError("secret internal detail")

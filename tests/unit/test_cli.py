@@ -26,7 +26,7 @@ from sklearn.linear_model import LogisticRegression
 
 from app.cli import build_parser
 from app.cli import main as cli_main
-from app.packaging import load_package
+from app.packages.gate import load_package
 from tests.model_packages import ODD_FEATURES, odd_names_package, rows_csv
 from tests.servers import ROOT, mlapi, mlapi_command
 
@@ -104,7 +104,7 @@ def test_verify_passes_a_demo_package_as_the_module_path_hosts_use(demo_models: 
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["ok"] is True and summary["engine"] == "onnx" and summary["features"] == IRIS_FEATURES
-    on_host = subprocess.run([sys.executable, "-m", "app.packaging", "verify", str(package)],
+    on_host = subprocess.run([sys.executable, "-m", "app.cli", "verify", str(package)],
                              capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert on_host.returncode == 0 and json.loads(on_host.stdout) == summary
 

@@ -1,4 +1,4 @@
-"""The API pages (/docs, /redoc), their assets and the schema they show: app/routes/docs.py."""
+"""The API pages (/docs, /redoc), their assets and the schema they show: app/api/docs.py."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from html.parser import HTMLParser
 
 import pytest
 
-from app.middleware import STRICT_CSP_HEADER
-from app.routes.docs import API_KEY_SCHEME, ASSETS, REDOC_CSP, STATIC_URL, SWAGGER_UI_CSP
+from app.api.docs import API_KEY_SCHEME, ASSETS, REDOC_CSP, STATIC_URL, SWAGGER_UI_CSP
+from app.server.middleware import STRICT_CSP_HEADER
 from tests.unit.conftest import IRIS_ROW
 
 PAGES = {"/docs": SWAGGER_UI_CSP, "/redoc": REDOC_CSP}

@@ -7,8 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app.drift import DriftMonitor, check_reference, psi, reference_statistics
-from app.packaging import Feature, Manifest, load_package
+from app.packages.gate import load_package
+from app.packages.manifest import Feature, Manifest
+from app.packages.reference import check_reference, reference_statistics
+from app.serving.drift import DriftMonitor, psi
 
 FEATURES = ["a", "b"]
 

@@ -11,8 +11,8 @@ from sklearn.ensemble import RandomForestClassifier
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
-from app.engines import OnnxEngine, SklearnEngine
-from app.packaging import LoadedModel, load_package
+from app.packages.engines import OnnxEngine, SklearnEngine
+from app.packages.gate import LoadedModel, load_package
 
 
 @pytest.fixture(scope="module")

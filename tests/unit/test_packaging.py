@@ -20,7 +20,9 @@ from sklearn.ensemble import RandomForestClassifier
 from sklearn.linear_model import LogisticRegression
 from sklearn.neighbors import KNeighborsClassifier
 
-from app.packaging import Manifest, PackageError, build_package, discover, load_package
+from app.packages.build import build_package
+from app.packages.gate import discover, load_package
+from app.packages.manifest import Manifest, PackageError
 from tests.model_packages import broken_tags_package
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -191,7 +193,7 @@ def test_discover_sorts_versions_naturally_and_ignores_unfinished_folders(tmp_pa
 def test_the_manifest_records_a_smoke_row_with_the_answer_of_the_estimator(demo_models: Path, name: str):
     import pandas as pd
 
-    from app.validation import reference_row
+    from app.packages.validation import reference_row
 
     manifest = Manifest.from_dict(_manifest(demo_models / name / "1"))
     smoke = manifest.smoke
@@ -493,7 +495,7 @@ def test_double_precision_is_kept_when_float32_misses_the_gate(tmp_path: Path, i
 
 def _verify(path: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "app.packaging", "verify", str(path), *args],
+        [sys.executable, "-m", "app.cli", "verify", str(path), *args],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from app import inference
+from app.serving import inference
 from tests.unit.conftest import IRIS_ROW
 
 LOGREG = "/v1/models/iris-logreg/predict"

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from app.metrics import render
-from app.predictionlog import REDACTED, FileSink, PredictionLog
+from app.serving.predictionlog import REDACTED, FileSink, PredictionLog
 from app.settings import Settings
 from tests.unit.conftest import IRIS_ROW, metric
 

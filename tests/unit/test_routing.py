@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from app.registry import ModelRegistry, pick_weighted, stable_fraction
+from app.serving.registry import ModelRegistry, pick_weighted, stable_fraction
 from app.settings import Settings
 from tests.model_packages import (
     ODD_FEATURES,
@@ -39,7 +39,7 @@ def two_versions(tmp_path_factory, demo_models) -> Path:
 
 
 def test_stable_fraction_is_deterministic_and_independent_of_python_hash_seed():
-    code = "from app.registry import stable_fraction; print(stable_fraction('iris:user-7'))"
+    code = "from app.serving.registry import stable_fraction; print(stable_fraction('iris:user-7'))"
     outputs = {
         subprocess.run(
             [sys.executable, "-c", code], env={"PYTHONHASHSEED": seed}, cwd=ROOT, capture_output=True, text=True,

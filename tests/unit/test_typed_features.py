@@ -19,7 +19,9 @@ import pytest
 
 from app.cli import main as mlapi_main
 from app.cli.train_demo import churn_data
-from app.packaging import ONNX_TOLERANCE, build_package, load_package
+from app.packages.build import build_package
+from app.packages.gate import load_package
+from app.packages.manifest import ONNX_TOLERANCE
 from tests.mlserver_codec import pandas_codec_request
 from tests.model_packages import read_manifest, resign, write_manifest
 from tests.unit.conftest import _client
@@ -382,7 +384,7 @@ def test_the_app_built_after_a_reload_takes_the_features_of_the_version_that_loa
     from sklearn.linear_model import LogisticRegression
 
     from app.main import create_app
-    from app.registry import ModelRegistry
+    from app.serving.registry import ModelRegistry
     from app.settings import Settings
 
     settings = Settings(models_dir=models_copy, default_model="iris")

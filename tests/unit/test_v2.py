@@ -11,7 +11,7 @@ import zlib
 import numpy as np
 import pytest
 
-from app import tensors
+from app.api import tensors
 from app.errors import APIError
 
 ROW = [5.1, 3.5, 1.4, 0.2]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from app.validation import MAX_DETAILS, ValidationFailure, to_matrix
+from app.packages.validation import MAX_DETAILS, ValidationFailure, to_matrix
 
 FEATURES = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
 ROW = {"sepal_length": 5.1, "sepal_width": 3.5, "petal_length": 1.4, "petal_width": 0.2}

@@ -7,7 +7,7 @@
 "use strict";
 
 (function () {
-  // The security scheme that app/routes/docs.py adds to the schema when keys are required.
+  // The security scheme that app/api/docs.py adds to the schema when keys are required.
   const API_KEY_SCHEME = "APIKeyHeader";
 
   const body = document.body;

@@ -8,9 +8,9 @@ from typing import Annotated, Any
 from fastapi import Depends, Header, Request
 from starlette.concurrency import run_in_threadpool
 
+from app.api.security import check_api_key
 from app.errors import APIError
-from app.registry import ModelRegistry
-from app.security import check_api_key
+from app.serving.registry import ModelRegistry
 from app.settings import Settings
 
 # These do no I/O, so they are `async def`: FastAPI would otherwise hand each one to
@@ -44,7 +44,7 @@ async def api_key(request: Request) -> None:
         raise verdict
 
 
-# Header limits, shared with the prediction routes' shortcut (app/routes/predict.py).
+# Header limits, shared with the prediction routes' shortcut (app/api/predict.py).
 USER_ID_MAX_LENGTH = 256
 MODEL_VERSION_MAX_LENGTH = 64
 

@@ -4,9 +4,9 @@ Inputs come either as one numeric tensor of shape [n, n_features] in manifest
 order (for a model whose features are all numbers), or as one tensor per
 feature named after it (shape [n] or [n, 1]; ``BYTES`` for a string feature),
 which is what MLServer's pandas codec sends; as JSON or as binary tensor data
-(app/tensors.py), in a body that may be gzip or deflate compressed and may carry
+(app/api/tensors.py), in a body that may be gzip or deflate compressed and may carry
 any Content-Type (tritonclient sends none). ``decode`` only takes the tensors
-apart: app/validation.py checks the values and builds the estimator's input,
+apart: app/packages/validation.py checks the values and builds the estimator's input,
 with the manifest of the version that scores the request. Outputs follow
 MLServer's scikit-learn runtime: ``predict`` alone unless outputs are requested
 (labels or values, shape [n, 1]), ``predict_proba`` on request for classifiers
@@ -29,18 +29,19 @@ from pydantic import BaseModel, ConfigDict, Field
 from slowapi import Limiter
 from starlette.responses import Response
 
-from app import __version__, tensors
-from app.deps import ApiKey, RegistryDep, path_version_signature
+from app import __version__
+from app.api import tensors
+from app.api.deps import ApiKey, RegistryDep, path_version_signature
+from app.api.health import readiness
+from app.api.schemas import ProtocolError
+from app.api.security import shared_limit
 from app.errors import APIError
-from app.inference import Scored, score, shadow_score
-from app.packaging import LoadedModel
-from app.registry import ModelRegistry, ServedModel, UnknownModel
+from app.packages.gate import LoadedModel
+from app.packages.validation import Batch, ValidationFailure
 from app.responses import FastJSONResponse
-from app.routes.health import readiness
-from app.schemas import ProtocolError
-from app.security import shared_limit
+from app.serving.inference import Scored, score, shadow_score
+from app.serving.registry import ModelRegistry, ServedModel, UnknownModel
 from app.settings import Settings
-from app.validation import Batch, ValidationFailure
 
 Datatype = Literal[
     "BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64", "BYTES"
@@ -120,7 +121,7 @@ V2_ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-# With binary outputs the answer is the JSON header, then the tensors (app/tensors.py).
+# With binary outputs the answer is the JSON header, then the tensors (app/api/tensors.py).
 BINARY_RESPONSE: dict[str, Any] = {
     "description": "The outputs as JSON; with binary_data outputs, the JSON header of "
     "Inference-Header-Content-Length bytes followed by the binary tensor data.",

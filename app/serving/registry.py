@@ -17,11 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from app.drift import DriftMonitor
 from app.errors import APIError
 from app.logs import get_logger
 from app.metrics import MODEL_INFO, MODEL_LOAD_FAILURES
-from app.packaging import LoadedModel, PackageError, as_refusal, discover, load_package
+from app.packages.gate import LoadedModel, discover, load_package
+from app.packages.manifest import PackageError, as_refusal
+from app.serving.drift import DriftMonitor
 from app.settings import Settings
 
 log = get_logger("registry")

@@ -2,11 +2,11 @@
 
 Routes are made per model from its manifest, so each body schema names the
 model's real features. The body is only parsed here: its features are checked
-and turned into the estimator's input by app/validation.py, with the manifest
+and turned into the estimator's input by app/packages/validation.py, with the manifest
 of the version that scores the request; this module only maps the problems'
 locations onto the body (``["body", "features", name]``). Endpoints are plain ``def``, run in the threadpool so
 inference does not block the event loop, except a single row of a model whose
-measured cost is below a thread hand-off (app/inference.py), scored inline.
+measured cost is below a thread hand-off (app/serving/inference.py), scored inline.
 
 These routes are the service's hot path. FastAPI's generic request handling
 (dependency solving, content-type parsing, JSON decoding, then validation)
@@ -29,7 +29,7 @@ from slowapi import Limiter
 from starlette.concurrency import run_in_threadpool
 from starlette.types import Message, Receive, Scope, Send
 
-from app.deps import (
+from app.api.deps import (
     MODEL_VERSION_MAX_LENGTH,
     USER_ID_MAX_LENGTH,
     ApiKey,
@@ -39,12 +39,7 @@ from app.deps import (
     api_key,
     path_version_signature,
 )
-from app.errors import APIError
-from app.inference import Scored, score, scores_inline, shadow_score
-from app.packaging import LoadedModel, Manifest
-from app.registry import ModelRegistry, UnknownModel
-from app.responses import FastJSONResponse
-from app.schemas import (
+from app.api.schemas import (
     ERROR_RESPONSES,
     PROTOCOL_ERROR_RESPONSES,
     BatchPrediction,
@@ -52,9 +47,15 @@ from app.schemas import (
     Prediction,
     request_models,
 )
-from app.security import shared_limit
+from app.api.security import shared_limit
+from app.errors import APIError
+from app.packages.gate import LoadedModel
+from app.packages.manifest import Manifest
+from app.packages.validation import ValidationFailure
+from app.responses import FastJSONResponse
+from app.serving.inference import Scored, score, scores_inline, shadow_score
+from app.serving.registry import ModelRegistry, UnknownModel
 from app.settings import Settings
-from app.validation import ValidationFailure
 
 INVALID_FEATURES = "the request body does not match the schema; see details for each field"
 

@@ -5,13 +5,13 @@ from typing import Any
 from fastapi import APIRouter, Request
 from slowapi import Limiter
 
-from app.deps import ApiKey, RegistryDep
+from app.api.deps import ApiKey, RegistryDep
+from app.api.schemas import ERROR_RESPONSES
+from app.api.security import shared_limit
 from app.errors import APIError
-from app.packaging import LoadedModel
-from app.registry import ModelRegistry, ServedModel, UnknownModel
+from app.packages.gate import LoadedModel
 from app.responses import FastJSONResponse
-from app.schemas import ERROR_RESPONSES
-from app.security import shared_limit
+from app.serving.registry import ModelRegistry, ServedModel, UnknownModel
 from app.settings import Settings
 
 

@@ -4,7 +4,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 
-from app.deps import RegistryDep
+from app.api.deps import RegistryDep
 from app.errors import error_response
 from app.metrics import render
 from app.responses import FastJSONResponse

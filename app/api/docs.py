@@ -26,10 +26,10 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import FileResponse, HTMLResponse
 from swagger_ui_bundle import swagger_ui_path
 
-from app.deps import ApiKey
+from app.api.deps import ApiKey
+from app.api.schemas import ERROR_RESPONSES
 from app.errors import APIError
 from app.responses import FastJSONResponse
-from app.schemas import ERROR_RESPONSES
 
 OPENAPI_URL = "/openapi.json"
 STATIC_URL = "/docs/static"

@@ -33,7 +33,7 @@ log = get_logger("http")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
 UNMATCHED = "unmatched"  # route label for 404s, so random paths do not grow the metrics
 # The answers are JSON or text, never pages, so the policy allows nothing; the API pages
-# (app/routes/docs.py) set their own. The edge sends the same (deploy/nginx/snippets).
+# (app/api/docs.py) set their own. The edge sends the same (deploy/nginx/snippets).
 _CSP = b"content-security-policy"
 STRICT_CSP_HEADER = (_CSP, b"default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'")
 

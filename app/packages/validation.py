@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from app.packaging import Manifest
+    from app.packages.manifest import Manifest
 
 # Enough to show a pattern without turning a bad 10 000-row batch into a huge response.
 MAX_DETAILS = 50

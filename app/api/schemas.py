@@ -1,6 +1,6 @@
 """Request and response schemas.
 
-A request body's features are checked by the one input path (app/validation.py),
+A request body's features are checked by the one input path (app/packages/validation.py),
 with the manifest of the version that scores them, never here: pydantic only
 parses the JSON. The models below show each model's features in the OpenAPI
 schema and /docs: their real names, types, and the known categories of a string
@@ -16,8 +16,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PlainValidator, create_model
 
-from app.packaging import Feature, Manifest
-from app.validation import reference_row
+from app.packages.manifest import Feature, Manifest
+from app.packages.validation import reference_row
 
 
 class FeaturesBase(BaseModel):
@@ -45,7 +45,7 @@ def _example(manifest: Manifest) -> dict[str, Any]:
 
 
 def _value_type(feature: Feature, max_abs: float) -> Any:
-    """What one feature's value is, as a type the JSON schema shows (its check is app/validation.py's)."""
+    """What one feature's value is, as a type the JSON schema shows (its check is app/packages/validation.py's)."""
     if feature.type == "string":
         if feature.allow_unknown:
             return Annotated[str, Field(description=f"{feature.name} (string: a category; known "

@@ -13,9 +13,9 @@ import numpy as np
 
 from app.logs import get_logger
 from app.metrics import DRIFT, PREDICTIONS, SHADOW_AGREEMENT, labelled
-from app.packaging import LoadedModel
-from app.registry import ModelRegistry, ServedModel
-from app.validation import Batch
+from app.packages.gate import LoadedModel
+from app.packages.validation import Batch
+from app.serving.registry import ModelRegistry, ServedModel
 
 log = get_logger("inference")
 

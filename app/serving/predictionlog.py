@@ -39,9 +39,9 @@ from typing import Any
 import numpy as np
 import orjson
 
-from app.inference import Scored
 from app.logs import PREDICTION_LOGGER, get_logger
 from app.metrics import PREDICTION_LOG_DROPPED, PREDICTION_LOG_WRITTEN, labelled
+from app.serving.inference import Scored
 from app.settings import Settings
 
 JOURNAL = "journal"

@@ -1,0 +1,1 @@
+"""No HTTP: the registry that chooses the version, inference, drift, the prediction log."""
