@@ -1,7 +1,8 @@
 """Building packages: the estimator, its typed features, the ONNX export and its equivalence gate.
 
-Run on the controller (``mlapi package``, ``mlapi train-demo``); a release on a host never imports it.
-skl2onnx and onnx, which the export needs, are controller requirements (requirements-dev.txt).
+Run on the controller (``mlapi package``, ``mlapi train-demo``); the service never imports it
+(tests/unit/test_layers.py). skl2onnx and onnx, which the export imports when it runs, are controller
+requirements (requirements-dev.txt), so the ``mlapi`` command still starts on a host without them.
 """
 
 from __future__ import annotations
