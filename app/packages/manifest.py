@@ -9,7 +9,7 @@ A package is a folder ``<models dir>/<name>/<version>/`` holding
   built it (Python, scikit-learn, numpy, onnxruntime versions), the sha256 of
   every file, metrics, and per-feature reference statistics for drift.
 
-This module is a leaf: it imports nothing of the service, so every layer can read a manifest.
+It imports nothing of the service but reference.py (a leaf itself), so every layer can read a manifest.
 """
 
 from __future__ import annotations
