@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.roles import render_role
-from tests.servers import mlapi
+from tests.servers import free_port, mlapi
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
@@ -32,12 +32,6 @@ PREDICT_BODY = json.dumps(
 ).encode()
 ERROR_FIELDS = {"code", "message", "request_id", "details"}
 
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def plain_http_port() -> int:
