@@ -38,7 +38,6 @@ MAX_DETAILS = 50
 # Known categories named in one message at most; a long list is cut with a count.
 MAX_NAMED_CATEGORIES = 20
 NUMERIC_TYPES = ("float", "int", "bool")
-_DTYPES = {"float": np.float64, "int": np.int64, "bool": np.bool_, "string": object}
 
 
 class ValidationFailure(Exception):

@@ -1,14 +1,9 @@
 """Input drift: recent inputs against the package's reference statistics (Population Stability Index).
 
-A package records, for every numeric feature, the interior cut points of 10
-quantile bins of the sample it was built with and the share of the sample in
-each bin. The outer bins are open (``x <= first cut`` and ``x > last cut``) so
-values outside the sample's range still land in a bin. For a string feature it
-records the share of each known category instead; a category the sample never
-had is one more bin, empty in the reference, and its share is reported as
-``unseen``. The service keeps the most recent inputs per worker in a ring
-buffer (categories by their index, app/packages/validation.py's ``Batch.codes``) and
-compares their bin shares with the reference:
+The reference (app/packages/reference.py) holds, per feature, the shares of the package's sample in
+quantile bins, or in known categories. The service keeps the most recent inputs per worker in a ring
+buffer (categories by their index, app/packages/validation.py's ``Batch.codes``) and compares their
+shares with the reference; a category the sample never had is reported as ``unseen``:
 
     PSI = sum((observed - reference) * ln(observed / reference))
 
