@@ -55,8 +55,8 @@ models: venv ## train and package the demo models unless they exist and pass the
 	@(for m in iris iris-logreg diabetes churn; do $(BIN)/mlapi verify $(MODELS)/$$m/1 >/dev/null 2>&1 || exit 1; done) \
 		|| $(BIN)/mlapi train-demo --force --models-dir $(MODELS)
 
-serve: models ## run the service under gunicorn on 127.0.0.1:8000 (Ctrl-C stops it)
-	$(BIN)/mlapi serve --workers $${MLAPI_WORKERS:-2}
+serve: models ## run the service under gunicorn on 127.0.0.1:8000, gRPC on 127.0.0.1:8500 (Ctrl-C stops it)
+	$(BIN)/mlapi serve --workers $${MLAPI_WORKERS:-2} --grpc $${MLAPI_GRPC_BIND:-127.0.0.1:8500}
 
 test: venv ## run the whole test suite: unit, integration and end-to-end
 	$(BIN)/pytest

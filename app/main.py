@@ -98,7 +98,15 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if not registry.loaded and registry.last_error is None:
             registry.load()
+        rpc = None
+        if settings.grpc_bind:
+            # Imported here, in the worker: the master that forks the workers never loads gRPC's core.
+            from app.rpc.server import start
+
+            rpc = await start(app, settings)
         yield
+        if rpc is not None:
+            await rpc.stop(settings.graceful_timeout)  # RPCs in flight finish, new ones are refused
         prediction_log.close()  # in each worker: what is queued is written before it exits
 
     app = FastAPI(

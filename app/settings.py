@@ -183,6 +183,13 @@ class Settings(BaseSettings):
 
     # Process model (read by app/gunicorn_conf.py)
     bind: str = Field("127.0.0.1:8000", description="gunicorn bind address: host:port or unix:/path.")
+    grpc_bind: str | None = Field(
+        None,
+        description=(
+            "host:port of the gRPC Open Inference Protocol, served by every worker (SO_REUSEPORT); "
+            "empty: no gRPC."
+        ),
+    )
     workers: int = Field(
         default_factory=lambda: os.cpu_count() or 1, ge=1, description="gunicorn worker processes (default: CPU count)."
     )
@@ -263,6 +270,18 @@ class Settings(BaseSettings):
     def _storage(cls, v: str) -> str:
         if not re.match(r"^(memory|redis|rediss|redis\+unix)://", v):
             raise ValueError("use memory:// (single process only) or redis://host:port/db")
+        return v
+
+    @field_validator("grpc_bind", mode="before")
+    @classmethod
+    def _grpc_bind(cls, v: object) -> object:
+        if isinstance(v, str) and not v.strip():
+            return None
+        if isinstance(v, str):
+            host, _, port = v.strip().rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"{v!r} is not host:port, e.g. 127.0.0.1:8501 or [::1]:8501")
+            return v.strip()
         return v
 
     @model_validator(mode="after")

@@ -27,13 +27,16 @@ it directly. It runs: python -m gunicorn -c app/gunicorn_conf.py "{APP}\""""
 
 EPILOG = """\
 example:
-  mlapi serve --models-dir models --workers 2
+  mlapi serve --models-dir models --workers 2 --grpc 127.0.0.1:8500
   MLAPI_DEFAULT_MODEL=iris mlapi serve --bind 0.0.0.0:8080 2>&1 | jq ."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bind", metavar="HOST:PORT",
                         help="address to listen on, host:port or unix:/path; sets MLAPI_BIND (default: 127.0.0.1:8000)")
+    parser.add_argument("--grpc", metavar="HOST:PORT",
+                        help="also serve the gRPC Open Inference Protocol there, from every worker; "
+                             "sets MLAPI_GRPC_BIND (default: no gRPC)")
     parser.add_argument("--workers", type=positive_int, metavar="N",
                         help="worker processes; sets MLAPI_WORKERS (default: the CPU count)")
     parser.add_argument("--models-dir", type=Path, metavar="DIR",
@@ -41,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    for variable, value in (("MLAPI_BIND", args.bind), ("MLAPI_WORKERS", args.workers),
+    for variable, value in (("MLAPI_BIND", args.bind), ("MLAPI_GRPC_BIND", args.grpc), ("MLAPI_WORKERS", args.workers),
                             ("MLAPI_MODELS_DIR", args.models_dir)):
         if value is not None:
             os.environ[variable] = str(value)

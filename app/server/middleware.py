@@ -31,6 +31,7 @@ access_log = logging.getLogger(ACCESS_LOGGER)
 log = get_logger("http")
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
+GRPC_SERVICE = "inference.GRPCInferenceService"
 UNMATCHED = "unmatched"  # route label for 404s, so random paths do not grow the metrics
 # The answers are JSON or text, never pages, so the policy allows nothing; the API pages
 # (app/api/docs.py) set their own. The edge sends the same (deploy/nginx/snippets).
@@ -204,7 +205,9 @@ class RequestContextMiddleware:
         duration = time.perf_counter() - start
         route = scope.get("route")
         route_path = getattr(route, "path", None) or UNMATCHED
-        method = scope.get("method", "")
+        # An RPC of the gRPC protocol (app/rpc/) is served as the REST call of the same meaning.
+        rpc = scope.get("extensions", {}).get("mlapi.rpc")
+        method = "GRPC" if rpc else scope.get("method", "")
         model = state.get("model", "")
         version = state.get("version", "")
         labels = (route_path, method, str(status), model, version)
@@ -227,5 +230,6 @@ class RequestContextMiddleware:
                     "version": version or None,
                     "engine": state.get("engine"),
                     "user_agent": _header(scope, b"user-agent"),
+                    **({"rpc": f"{GRPC_SERVICE}/{rpc}"} if rpc else {}),
                 },
             )

@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import tritonclient.grpc as triton_grpc
 
 from app.settings import Settings
 from tests.model_packages import rows_csv
@@ -27,8 +28,9 @@ def test_serve_runs_the_service_as_the_gunicorn_master(demo_models: Path):
     port = free_port()
     metrics_dir = tempfile.mkdtemp(prefix="mlapi-prom-")
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": metrics_dir, "MLAPI_DEFAULT_MODEL": "iris"}
+    grpc_port = free_port()
     server = Process([*mlapi_command(), "serve", "--bind", f"127.0.0.1:{port}", "--workers", "2",
-                      "--models-dir", str(demo_models)], env=env)
+                      "--grpc", f"127.0.0.1:{grpc_port}", "--models-dir", str(demo_models)], env=env)
     try:
         url = f"http://127.0.0.1:{port}"
 
@@ -39,6 +41,8 @@ def test_serve_runs_the_service_as_the_gunicorn_master(demo_models: Path):
         wait_for(ready, 90, what="mlapi serve ready")
         answer = httpx.post(url + "/v1/predict", json={"features": IRIS_ROW}, timeout=10)
         assert answer.status_code == 200 and answer.json()["prediction"] == "setosa"
+        with triton_grpc.InferenceServerClient(f"127.0.0.1:{grpc_port}") as client:
+            assert client.is_model_ready("iris")
         # The command became the master: its PID is gunicorn's, so SIGHUP and SIGTERM reach gunicorn itself.
         assert b"gunicorn" in Path(f"/proc/{server.pid}/cmdline").read_bytes()
         workers = Path(f"/proc/{server.pid}/task/{server.pid}/children").read_text().split()

@@ -14,9 +14,11 @@ ROOT = Path(__file__).resolve().parents[2]
 APP = ROOT / "app"
 SHARED = {"app.settings", "app.logs", "app.metrics", "app.errors", "app.responses"}
 ENTRY = {"app.main", "app.gunicorn_conf"}
-# The layers each layer may import from, besides its own. server/ and api/ are siblings under the entry points.
+# The layers each layer may import from, besides its own. rpc/, server/ and api/ are siblings under the entry points.
 MAY_USE = {
-    "entry": {"server", "api", "serving", "packages", "shared"},
+    "entry": {"rpc", "server", "api", "serving", "packages", "shared"},
+    # The gRPC transport turns each RPC into the REST call of the same meaning (app/rpc/server.py).
+    "rpc": {"api", "shared"},
     "cli": {"serving", "packages", "shared"},
     "server": {"shared"},
     "api": {"serving", "packages", "shared"},
@@ -77,12 +79,14 @@ def test_a_module_imports_only_the_layers_below_it(path: Path):
                          f"{sorted(MAY_USE[layer]) or 'nothing else'}, but imports {wrong}")
 
 
-def test_the_service_does_not_import_the_package_builder():
-    """A release runs the service without skl2onnx; building (app/packages/build.py) is the controller's."""
+def test_the_service_does_not_import_the_package_builder_or_grpc():
+    """A release runs the service without skl2onnx; building (app/packages/build.py) is the controller's.
+    The master that forks the workers never loads gRPC: each worker starts its own (app/main.py's lifespan)."""
     probe = ("import json, sys; import app.gunicorn_conf, app.main; app.main.create_app(); "
-             "print(json.dumps(sorted(m for m in sys.modules if m.startswith(('app.', 'skl2onnx', 'onnx.')))))")
+             "print(json.dumps(sorted(m for m in sys.modules if m.startswith(('app.', 'skl2onnx', 'onnx.', 'grpc')))))")
     run = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                         env={"PATH": "/usr/bin:/bin", "MLAPI_MODELS_DIR": str(ROOT / "no-models-here")})
+                         env={"PATH": "/usr/bin:/bin", "MLAPI_MODELS_DIR": str(ROOT / "no-models-here"),
+                              "MLAPI_GRPC_BIND": "127.0.0.1:8501"})
     assert run.returncode == 0, run.stderr
     loaded = json.loads(run.stdout.splitlines()[-1])
     assert "app.api.predict" in loaded and "app.packages.gate" in loaded, loaded  # the probe did load the service

@@ -19,6 +19,14 @@ def test_defaults_are_safe_for_a_local_run():
     assert s.rate_limit_storage_uri == "memory://"
     assert s.api_key_hashes == [] and not s.api_keys_required
     assert s.cors_origins == [] and s.trusted_hosts == []
+    assert s.grpc_bind is None  # no gRPC unless asked for
+
+
+def test_grpc_bind_takes_host_and_port_and_empty_means_off(monkeypatch):
+    monkeypatch.setenv("MLAPI_GRPC_BIND", "[::1]:8501")
+    assert load_settings().grpc_bind == "[::1]:8501"
+    monkeypatch.setenv("MLAPI_GRPC_BIND", " ")
+    assert load_settings().grpc_bind is None
 
 
 def test_values_come_from_the_environment(monkeypatch):
@@ -50,6 +58,8 @@ def test_env_file_is_read(tmp_path, monkeypatch):
         ("MLAPI_MODELS", '{"iris": {"versions": {}}}', "at least one version"),
         ("MLAPI_ENGINE", "tensorflow", "auto"),
         ("MLAPI_RETIRE_GRACE", "30", "must be less than MLAPI_GRACEFUL_TIMEOUT"),
+        ("MLAPI_GRPC_BIND", "8501", "is not host:port"),
+        ("MLAPI_GRPC_BIND", "127.0.0.1:99999", "is not host:port"),
     ],
 )
 def test_bad_values_stop_start_up_naming_the_variable(monkeypatch, var, value, words):

@@ -1,0 +1,275 @@
+"""The gRPC Open Inference Protocol with Triton's real gRPC client, against the real service and through NGINX.
+
+The service is gunicorn with two workers, each serving gRPC on the same port (app/rpc/). Requests are made
+with tritonclient.grpc (raw tensor contents, as it sends them) and with its protocol messages sent directly
+(typed contents, as MLServer's clients send them); every decoded answer is compared with scoring the same rows
+in-process with the same package.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import grpc
+import httpx
+import joblib
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+from sklearn.datasets import load_iris
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+from tritonclient.utils import InferenceServerException
+
+from app.cli.train_demo import churn_data
+from app.packages.gate import load_package
+from app.packages.manifest import ONNX_TOLERANCE
+from tests.servers import free_port, gunicorn, wait_for
+
+from edge_service import service_access_lines
+
+pytestmark = pytest.mark.integration
+
+ROWS = load_iris().data[[0, 50, 100, 70, 133, 25, 83]].tolist()
+KEY = "grpc-test-key-7f3a"
+
+
+def _service_env(models: Path, **extra: str) -> tuple[dict[str, str], int]:
+    port = free_port()
+    env = {"MLAPI_MODELS_DIR": str(models), "MLAPI_DEFAULT_MODEL": "iris",
+           "MLAPI_RATE_LIMIT_STORAGE_URI": "memory://", "MLAPI_GRPC_BIND": f"127.0.0.1:{port}", **extra}
+    return env, port
+
+
+@pytest.fixture(scope="module")
+def service(demo_models):
+    env, port = _service_env(demo_models, MLAPI_MAX_BATCH_SIZE="50")
+    with gunicorn(env, workers=2) as server:
+        server.grpc_port = port
+        yield server
+
+
+@pytest.fixture(scope="module")
+def client(service):
+    c = triton.InferenceServerClient(f"127.0.0.1:{service.grpc_port}")
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="module")
+def stub(service):
+    with grpc.insecure_channel(f"127.0.0.1:{service.grpc_port}") as channel:
+        yield service_pb2_grpc.GRPCInferenceServiceStub(channel)
+
+
+@pytest.fixture(scope="module")
+def iris(demo_models):
+    return load_package(demo_models / "iris" / "1")
+
+
+def in_process(iris, X) -> tuple[list[str], np.ndarray]:
+    labels, probabilities = iris.score(np.asarray(X, dtype=np.float64))
+    return [str(v) for v in labels.tolist()], probabilities
+
+
+def texts(values: np.ndarray) -> list[str]:
+    return [v.decode() if isinstance(v, bytes) else str(v) for v in values.reshape(-1).tolist()]
+
+
+def tensor(X: np.ndarray, datatype: str, name: str = "input-0") -> triton.InferInput:
+    t = triton.InferInput(name, list(X.shape), datatype)
+    t.set_data_from_numpy(X)
+    return t
+
+
+def test_health_and_metadata_match_the_rest_answers(client, service):
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready("iris") and client.is_model_ready("iris", "1")
+    server = client.get_server_metadata(as_json=True)
+    rest = httpx.get(service.url + "/v2").json()
+    assert server["name"] == rest["name"] == "mlapi" and server["version"] == rest["version"]
+    assert server["extensions"] == ["classification"]
+    metadata = client.get_model_metadata("iris", as_json=True)
+    rest = httpx.get(service.url + "/v2/models/iris").json()
+    assert metadata["name"] == "iris" and metadata["versions"] == rest["versions"] == ["1"]
+    assert metadata["platform"] == rest["platform"]
+    for kind in ("inputs", "outputs"):
+        assert [(t["name"], t["datatype"], [int(d) for d in t["shape"]]) for t in metadata[kind]] == [
+            (t["name"], t["datatype"], t["shape"]) for t in rest[kind]]
+
+
+@pytest.mark.parametrize("datatype", ["FP32", "FP64"])
+def test_infer_with_raw_tensors_equals_in_process_scoring(client, iris, datatype):
+    X = np.array(ROWS, dtype=np.float32 if datatype == "FP32" else np.float64)
+    result = client.infer("iris", [tensor(X, datatype)], outputs=[
+        triton.InferRequestedOutput("predict"), triton.InferRequestedOutput("predict_proba")])
+    labels, probabilities = in_process(iris, X)
+    assert texts(result.as_numpy("predict")) == labels
+    assert result.as_numpy("predict").shape == (len(ROWS), 1)
+    np.testing.assert_array_equal(result.as_numpy("predict_proba"), probabilities)
+    response = result.get_response()
+    assert response.model_name == "iris" and response.model_version == "1"
+    assert len(response.raw_output_contents) == 2  # raw in, raw out: what tritonclient reads fastest
+    proba = next(o for o in response.outputs if o.name == "predict_proba")
+    assert json.loads(proba.parameters["classes"].string_param) == iris.classes
+
+
+def test_infer_without_outputs_gives_predict_alone_as_mlserver_does(client, iris):
+    result = client.infer("iris", [tensor(np.array(ROWS), "FP64")])
+    assert [o.name for o in result.get_response().outputs] == ["predict"]
+    assert texts(result.as_numpy("predict")) == in_process(iris, ROWS)[0]
+
+
+def test_typed_contents_in_give_typed_contents_out(stub, iris):
+    request = service_pb2.ModelInferRequest(model_name="iris", id="typed-1")
+    request.inputs.add(name="input-0", datatype="FP64", shape=[len(ROWS), 4]).contents.fp64_contents.extend(
+        np.ravel(ROWS).tolist())
+    request.outputs.add(name="predict")
+    request.outputs.add(name="predict_proba")
+    response = stub.ModelInfer(request)
+    assert response.id == "typed-1" and not response.raw_output_contents
+    predict, proba = response.outputs
+    labels, probabilities = in_process(iris, ROWS)
+    assert [v.decode() for v in predict.contents.bytes_contents] == labels
+    assert list(predict.shape) == [len(ROWS), 1]
+    np.testing.assert_array_equal(np.reshape(proba.contents.fp64_contents, list(proba.shape)), probabilities)
+
+
+def test_a_regressor_and_string_features_per_tensor(client, demo_models):
+    diabetes = load_package(demo_models / "diabetes" / "1")
+    X = np.linspace(-0.05, 0.05, 30).reshape(3, 10)
+    result = client.infer("diabetes", [tensor(X, "FP64")])
+    np.testing.assert_allclose(result.as_numpy("predict").reshape(-1), diabetes.score(X)[0], rtol=0, atol=1e-4)
+
+    frame, _, _ = churn_data(rows=12, seed=7)
+    inputs = []
+    for column, datatype in (("plan", "BYTES"), ("region", "BYTES"), ("seats", "INT64"),
+                             ("monthly_usage", "FP64"), ("annual", "BOOL")):
+        values = frame[column].to_numpy()
+        values = values.astype(object) if datatype == "BYTES" else values.astype(
+            {"INT64": np.int64, "FP64": np.float64, "BOOL": np.bool_}[datatype])
+        inputs.append(tensor(values.reshape(-1, 1), datatype, name=column))
+    result = client.infer("churn", inputs, outputs=[triton.InferRequestedOutput("predict_proba")])
+    expected = joblib.load(demo_models / "churn" / "1" / "model.joblib").predict_proba(frame)
+    assert np.allclose(result.as_numpy("predict_proba"), expected, atol=ONNX_TOLERANCE)
+
+
+def test_classification_versions_and_compression(client, iris):
+    X = np.array(ROWS, dtype=np.float64)
+    top = client.infer("iris", [tensor(X, "FP64")], model_version="1", compression_algorithm="gzip",
+                       outputs=[triton.InferRequestedOutput("predict_proba", class_count=2)])
+    _, probabilities = in_process(iris, X)
+    best = [texts(row)[0].split(":") for row in top.as_numpy("predict_proba")]
+    assert [int(index) for _, index, _ in best] == probabilities.argmax(axis=1).tolist()
+    assert [label for _, _, label in best] == [iris.classes[i] for i in probabilities.argmax(axis=1)]
+    with pytest.raises(InferenceServerException) as refused:
+        client.infer("iris", [tensor(X, "FP64")], model_version="9")
+    assert refused.value.status() == "StatusCode.NOT_FOUND" and "9" in refused.value.message()
+
+
+def _refusal(make_call) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as refused:
+        make_call()
+    return refused.value.code(), refused.value.details()
+
+
+@pytest.mark.parametrize(("model", "X", "datatype", "code", "words"), [
+    ("nope", np.ones((1, 4)), "FP64", grpc.StatusCode.NOT_FOUND, "no model named 'nope'"),
+    ("iris", np.ones((2, 3)), "FP64", grpc.StatusCode.INVALID_ARGUMENT, "expected shape [n, 4]"),
+    ("iris", np.array([["a", "b", "c", "d"]], dtype=object), "BYTES", grpc.StatusCode.INVALID_ARGUMENT,
+     "must be numbers"),
+    ("iris", np.ones((51, 4)), "FP64", grpc.StatusCode.RESOURCE_EXHAUSTED, "51 rows is more than the limit of 50"),
+])
+def test_refusals_carry_the_rest_status_and_message(client, model, X, datatype, code, words):
+    with pytest.raises(InferenceServerException) as refused:
+        client.infer(model, [tensor(X, datatype)])
+    assert refused.value.status() == str(code)
+    assert words in refused.value.message()
+
+
+def test_malformed_messages_are_refused_by_name(stub):
+    def request(**contents):
+        r = service_pb2.ModelInferRequest(model_name="iris")
+        r.inputs.add(name="input-0", datatype="FP64", shape=[1, 4]).contents.MergeFrom(
+            service_pb2.InferTensorContents(**contents))
+        return r
+
+    code, details = _refusal(lambda: stub.ModelInfer(request(fp32_contents=[1, 2, 3, 4])))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "contents.fp64_contents" in details
+    raw = service_pb2.ModelInferRequest(model_name="iris", raw_input_contents=[b"\0" * 32, b"\0" * 32])
+    raw.inputs.add(name="input-0", datatype="FP64", shape=[1, 4])
+    code, details = _refusal(lambda: stub.ModelInfer(raw))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "2 entries for 1 inputs" in details
+    unknown = request(fp64_contents=[1, 2, 3, 4])
+    unknown.outputs.add(name="decision_function")
+    code, details = _refusal(lambda: stub.ModelInfer(unknown))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "unknown output 'decision_function'" in details
+
+
+def test_a_message_over_the_body_limit_is_refused_before_it_is_read(demo_models):
+    env, port = _service_env(demo_models, MLAPI_MAX_BODY_BYTES="65536")
+    with gunicorn(env, workers=1), triton.InferenceServerClient(f"127.0.0.1:{port}") as c:
+        with pytest.raises(InferenceServerException) as refused:
+            c.infer("iris", [tensor(np.ones((5000, 4)), "FP64")])
+        assert refused.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
+        assert c.infer("iris", [tensor(np.ones((1, 4)), "FP64")]).as_numpy("predict").shape == (1, 1)
+
+
+def test_rpcs_are_logged_counted_and_keyed_by_request_id_like_rest(stub, service):
+    request = service_pb2.ModelInferRequest(model_name="iris")
+    request.inputs.add(name="input-0", datatype="FP64", shape=[1, 4]).contents.fp64_contents.extend(ROWS[0])
+    # Loopback is a trusted proxy (MLAPI_TRUSTED_PROXIES), so its x-request-id keys the logs, as NGINX's does.
+    _, call = stub.ModelInfer.with_call(request, metadata=[("x-request-id", "rpc-trace-42")])
+    assert dict(call.initial_metadata())["x-request-id"] == "rpc-trace-42"
+
+    def logged():
+        return [e for e in service_access_lines(service) if e.get("request_id") == "rpc-trace-42"]
+
+    wait_for(logged, 10, what="the RPC's access log line")
+    (line,) = logged()
+    assert line["rpc"] == "inference.GRPCInferenceService/ModelInfer" and line["method"] == "GRPC"
+    assert line["route"] == "/v2/models/{name}/infer" and line["status"] == 200 and line["model"] == "iris"
+    metrics = httpx.get(service.url + "/metrics").text
+    assert any(m.startswith('mlapi_http_requests_total{method="GRPC",model="iris",route="/v2/models/{name}/infer"')
+               and 'status="200"' in m for m in metrics.splitlines())
+
+
+def test_every_worker_serves_grpc(service):
+    seen = len(service_access_lines(service))
+
+    def pids() -> set[int]:
+        return {e["pid"] for e in service_access_lines(service)[seen:] if e.get("rpc")}
+
+    # A new connection each time (no shared subchannel): the kernel spreads them over the workers (SO_REUSEPORT).
+    for _ in range(24):
+        with triton.InferenceServerClient(f"127.0.0.1:{service.grpc_port}",
+                                          channel_args=[("grpc.use_local_subchannel_pool", 1)]) as c:
+            assert c.is_server_live()
+    wait_for(lambda: len(pids()) == 2, 10, what="RPCs answered by both workers")
+    assert pids() == service.workers()
+
+
+def test_api_keys_and_rate_limits_are_the_same_as_for_rest(demo_models):
+    digest = __import__("hashlib").sha256(KEY.encode()).hexdigest()
+    env, port = _service_env(demo_models, MLAPI_API_KEY_HASHES=digest, MLAPI_RATE_LIMIT_PREDICT="4/minute")
+    X = np.array(ROWS[:1])
+    with gunicorn(env, workers=1) as server, triton.InferenceServerClient(f"127.0.0.1:{port}") as c:
+        for headers, status in (({}, "UNAUTHENTICATED"), ({"x-api-key": "wrong"}, "PERMISSION_DENIED")):
+            with pytest.raises(InferenceServerException) as refused:
+                c.infer("iris", [tensor(X, "FP64")], headers=headers)
+            assert refused.value.status() == f"StatusCode.{status}"
+            assert "X-API-Key" in refused.value.message()
+        key = {"x-api-key": KEY}
+        assert c.infer("iris", [tensor(X, "FP64")], headers=key).as_numpy("predict").shape == (1, 1)
+        # One limit per key, whichever protocol spends it: 1 RPC + 3 REST calls, then the 5th is refused.
+        for _ in range(3):
+            rest = httpx.post(server.url + "/v2/models/iris/infer", headers={"X-API-Key": KEY}, json={
+                "inputs": [{"name": "input-0", "shape": [1, 4], "datatype": "FP64", "data": ROWS[0]}]})
+            assert rest.status_code == 200, rest.text
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            request = service_pb2.ModelInferRequest(model_name="iris")
+            request.inputs.add(name="input-0", datatype="FP64", shape=[1, 4]).contents.fp64_contents.extend(ROWS[0])
+            with pytest.raises(grpc.RpcError) as refused:
+                service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, metadata=[("x-api-key", KEY)])
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert int(dict(refused.value.trailing_metadata())["retry-after"]) >= 1
