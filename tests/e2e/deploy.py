@@ -124,6 +124,15 @@ def https(sandbox: Sandbox) -> HttpsClient:
     return HttpsClient(sandbox.ca, sandbox.ip, sandbox.domain)
 
 
+def grpc_client(sandbox: Sandbox):
+    """Triton's gRPC client for the domain at the lb host's address, port 443, trusting the sandbox's CA alone."""
+    import tritonclient.grpc as triton
+
+    return triton.InferenceServerClient(
+        f"{sandbox.ip}:443", ssl=True, root_certificates=str(sandbox.ca),
+        channel_args=[("grpc.ssl_target_name_override", sandbox.domain), ("grpc.default_authority", sandbox.domain)])
+
+
 def continuous_client(sandbox: Sandbox, **kwargs) -> ContinuousClient:
     return ContinuousClient(sandbox.ca, sandbox.ip, sandbox.domain, **kwargs)
 

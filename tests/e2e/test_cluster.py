@@ -24,6 +24,7 @@ from deploy import (
     PlaybookRun,
     continuous_client,
     ensure_demo_models,
+    grpc_client,
     https,
     release_copy,
     run_playbook,
@@ -115,6 +116,12 @@ def test_app_hosts_listen_on_their_private_address_and_only_the_lb_may_connect(c
     from_other_app = cluster.sandbox.ssh(other, probe)
     assert from_other_app.stdout != "200", (
         f"{other.name} reached the service port of {app.name}; the firewall must open it to the lb hosts only")
+    # gRPC (850N) is open to the lb host alone too (Prometheus scrapes HTTP only), and NGINX reaches it.
+    with grpc_client(cluster.sandbox) as client:
+        assert client.is_model_ready("iris")
+    grpc_probe = f"timeout 3 bash -c 'exec 3<>/dev/tcp/{app.private_ip}/8501' && echo open"
+    assert cluster.sandbox.ssh(cluster.lb, grpc_probe).stdout.strip() == "open"
+    assert cluster.sandbox.ssh(other, grpc_probe).stdout.strip() != "open"
     # The shared Redis answers the app hosts, and only with the password.
     no_password = cluster.sandbox.ssh(
         app,

@@ -14,7 +14,7 @@ from urllib.parse import quote
 import httpx
 import pytest
 
-from deploy import ROOT, app_host, https, provision, require_provisioned, run_playbook
+from deploy import ROOT, app_host, grpc_client, https, provision, require_provisioned, run_playbook
 from load import IRIS
 
 pytestmark = pytest.mark.e2e
@@ -101,6 +101,31 @@ def test_https_serves_the_demo_model_with_string_features_on_v1_and_v2(sandbox, 
     assert "known: ['basic', 'pro', 'team']" in refused.json()["error"]["details"][0]["msg"]
 
 
+def test_grpc_over_tls_on_the_domain_answers_as_rest_does(sandbox, host):
+    """Triton's gRPC client, through NGINX's grpc_pass on port 443, trusting only the sandbox's CA."""
+    import numpy as np
+    import tritonclient.grpc as triton
+    from tritonclient.utils import InferenceServerException
+
+    client = grpc_client(sandbox)
+    row = [IRIS["features"][f] for f in ("sepal_length", "sepal_width", "petal_length", "petal_width")]
+    with client:
+        assert client.is_server_ready() and client.is_model_ready("iris")
+        tensor = triton.InferInput("input-0", [1, 4], "FP64")
+        tensor.set_data_from_numpy(np.array([row]))
+        result = client.infer("iris", [tensor], outputs=[triton.InferRequestedOutput("predict"),
+                                                         triton.InferRequestedOutput("predict_proba")])
+        with pytest.raises(InferenceServerException) as refused:
+            client.infer("no-such-model", [tensor])
+    with https(sandbox) as rest:
+        answer = rest.post("/v2/models/iris/infer", json={
+            "inputs": [{"name": "input-0", "shape": [1, 4], "datatype": "FP64", "data": row}],
+            "outputs": [{"name": "predict"}, {"name": "predict_proba"}]}).json()
+    assert result.as_numpy("predict").reshape(-1).tolist() == [b"setosa"]
+    assert result.as_numpy("predict_proba").reshape(-1).tolist() == answer["outputs"][1]["data"]
+    assert refused.value.status() == "StatusCode.NOT_FOUND"
+
+
 def test_certificate_is_issued_by_pebble_for_the_domain(sandbox, host):
     context = ssl.create_default_context(cafile=str(sandbox.ca))
     with socket.create_connection((sandbox.ip, 443), timeout=10) as raw, \
@@ -144,8 +169,12 @@ def _listeners(sandbox, host, process: str) -> list[str]:
 
 
 def test_gunicorn_listens_only_on_loopback(sandbox, host):
-    listeners = _listeners(sandbox, host, "gunicorn")
-    assert sorted(listeners) == ["127.0.0.1:8001", "127.0.0.1:8002"], listeners
+    # HTTP on 800N (one socket per instance), gRPC on 850N (one socket per worker, SO_REUSEPORT, shown by ss
+    # as the IPv4-mapped address of gRPC's dual-stack socket).
+    listeners = [a.replace("[::ffff:127.0.0.1]", "127.0.0.1") for a in _listeners(sandbox, host, "gunicorn")]
+    assert sorted(set(listeners)) == ["127.0.0.1:8001", "127.0.0.1:8002", "127.0.0.1:8501", "127.0.0.1:8502"], (
+        listeners)
+    assert listeners.count("127.0.0.1:8501") == 2, listeners  # both workers of mlapi@1 serve gRPC
 
 
 def test_redis_listens_only_on_loopback(sandbox, host):

@@ -247,6 +247,8 @@ def render(prefix: Path, upstream_ports: list[int], with_certificate: bool = Tru
         "nginx_ssl_certificate": str(certificate),
         "nginx_ssl_certificate_key": str(key),
         "nginx_upstream_servers": [f"127.0.0.1:{p}" for p in upstream_ports],
+        # No gRPC location unless a test passes the service's gRPC ports.
+        "nginx_grpc_upstream_servers": [],
         "nginx_manage_service": False,
         **overrides,
     }

@@ -3,12 +3,14 @@
 The service is gunicorn with two workers, each serving gRPC on the same port (app/rpc/). Requests are made
 with tritonclient.grpc (raw tensor contents, as it sends them) and with its protocol messages sent directly
 (typed contents, as MLServer's clients send them); every decoded answer is compared with scoring the same rows
-in-process with the same package.
+in-process with the same package. Through NGINX the RPCs travel over TLS and HTTP/2 (grpc_pass), and the
+edge's own refusals must arrive as gRPC statuses.
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import grpc
@@ -27,6 +29,7 @@ from app.packages.manifest import ONNX_TOLERANCE
 from tests.servers import free_port, gunicorn, wait_for
 
 from edge_service import service_access_lines
+from nginx_helpers import SERVER_NAME, VENV_BIN, running_edge
 
 pytestmark = pytest.mark.integration
 
@@ -273,3 +276,75 @@ def test_api_keys_and_rate_limits_are_the_same_as_for_rest(demo_models):
                 service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, metadata=[("x-api-key", KEY)])
         assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert int(dict(refused.value.trailing_metadata())["retry-after"]) >= 1
+
+
+# Through NGINX -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def edge(tmp_path_factory, demo_models):
+    """NGINX in front of a service of its own, which the last test stops."""
+    env, port = _service_env(demo_models)
+    with gunicorn(env, workers=2) as server:
+        server.grpc_port = port
+        for running in running_edge(
+                tmp_path_factory.mktemp("grpc-edge"), [server.port],
+                nginx_grpc_upstream_servers=[f"127.0.0.1:{port}"],
+                nginx_client_max_body_size="64k", nginx_rate_limit_rps=5, nginx_rate_limit_burst=10):
+            running.service = server
+            yield running
+
+
+def tls_client(edge) -> triton.InferenceServerClient:
+    return triton.InferenceServerClient(
+        f"127.0.0.1:{edge.https_port}", ssl=True, root_certificates=str(edge.certificate),
+        channel_args=[("grpc.ssl_target_name_override", SERVER_NAME), ("grpc.default_authority", SERVER_NAME)])
+
+
+def test_triton_grpc_through_nginx_over_tls(edge, iris):
+    service = edge.service
+    with tls_client(edge) as c:
+        assert c.is_server_ready() and c.is_model_ready("iris")
+        X = np.array(ROWS, dtype=np.float32)
+        result = c.infer("iris", [tensor(X, "FP32")], outputs=[triton.InferRequestedOutput("predict_proba")])
+        np.testing.assert_array_equal(result.as_numpy("predict_proba"), in_process(iris, X)[1])
+    edge_line = json.loads(next(line for line in reversed(edge.log_lines()) if "ModelInfer" in line))
+    assert edge_line["protocol"] == "HTTP/2.0" and edge_line["status"] == 200
+    # The edge's request id keys the service's line, and the client's address is the one NGINX saw.
+    wait_for(lambda: any(e.get("request_id") == edge_line["request_id"] for e in service_access_lines(service)), 10,
+             what="the service's line for the edge's request id")
+    line = next(e for e in service_access_lines(service) if e.get("request_id") == edge_line["request_id"])
+    assert line["rpc"] == "inference.GRPCInferenceService/ModelInfer" and line["client_ip"] == "127.0.0.1"
+
+
+def test_lint_gixy_accepts_the_configuration_with_grpc(edge):
+    assert "grpc_pass grpc://mlapi_grpc;" in (edge.prefix / "sites-available" / "mlapi.conf").read_text()
+    result = subprocess.run([str(VENV_BIN / "gixy"), str(edge.prefix / "nginx.conf")], capture_output=True, text=True)
+    assert result.returncode == 0, f"gixy reports issues; change the templates in deploy/nginx/:\n{result.stdout}"
+    assert "No issues found" in result.stdout
+
+
+def test_the_edges_own_refusals_are_grpc_statuses(edge):
+    with tls_client(edge) as c:
+        with pytest.raises(InferenceServerException) as refused:
+            c.infer("iris", [tensor(np.ones((3000, 4)), "FP64")])
+        assert refused.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
+        assert "larger than 64k" in refused.value.message()
+        statuses = []
+        for _ in range(40):
+            try:
+                c.is_model_ready("iris")
+                statuses.append("OK")
+            except InferenceServerException as exc:
+                statuses.append(exc.status())
+                assert "Too many requests" in exc.message()
+                break
+        assert statuses[-1] == "StatusCode.RESOURCE_EXHAUSTED"
+
+
+def test_no_instance_answering_is_unavailable_at_the_edge(edge):
+    edge.service.stop()  # the module's last test
+    with tls_client(edge) as c, pytest.raises(InferenceServerException) as refused:
+        c.is_server_live()
+    assert refused.value.status() == "StatusCode.UNAVAILABLE"
+    assert "No instance of the service answered" in refused.value.message()

@@ -23,6 +23,7 @@ sys.path.insert(0, str(ANSIBLE_DIR / "filter_plugins"))
 from ansible.errors import AnsibleFilterError  # noqa: E402
 from mlapi_topology import (  # noqa: E402
     firewall_rules,
+    grpc_upstream_servers,
     node_exporter_address,
     redis_address,
     service_address,
@@ -39,6 +40,7 @@ CLUSTER_VARS = {"lb1": {"private_ip": "10.0.1.10"}, "app1": {"private_ip": "10.0
 def test_a_single_host_keeps_everything_on_loopback():
     hostvars = {"one": {"private_ip": "10.0.1.5"}}
     assert upstream_servers(["one"], SINGLE, hostvars) == ["127.0.0.1:8001", "127.0.0.1:8002"]
+    assert grpc_upstream_servers(["one"], SINGLE, hostvars) == ["127.0.0.1:8501", "127.0.0.1:8502"]
     assert service_address("one", SINGLE, hostvars) == "127.0.0.1"
     assert redis_address("one", SINGLE, hostvars) == "127.0.0.1"
     assert firewall_rules("one", SINGLE, hostvars) == []
@@ -54,9 +56,22 @@ def test_a_cluster_reaches_each_app_hosts_instances_at_its_private_address():
 
 def test_a_cluster_opens_the_service_ports_to_the_lb_and_redis_to_the_app_hosts_only():
     assert firewall_rules("app2", CLUSTER, CLUSTER_VARS) == [
-        {"port": port, "proto": "tcp", "from": "10.0.1.10"} for port in (8001, 8002, 8003)]
+        {"port": port, "proto": "tcp", "from": "10.0.1.10"} for port in (8001, 8002, 8003, 8501, 8502, 8503)]
     assert firewall_rules("lb1", CLUSTER, CLUSTER_VARS) == [
         {"port": 6379, "proto": "tcp", "from": "10.0.1.21"}, {"port": 6379, "proto": "tcp", "from": "10.0.1.22"}]
+
+
+def test_grpc_follows_the_instances_and_opens_to_the_load_balancers_only():
+    hostvars = {**CLUSTER_VARS, "app1": {**CLUSTER_VARS["app1"], "app_grpc_port_prefix": "900"},
+                "app2": {**CLUSTER_VARS["app2"], "app_grpc_enabled": "false"}}
+    groups = {**CLUSTER, "monitoring": ["mon"]}
+    hostvars["mon"] = {"private_ip": "10.0.1.30"}
+    assert grpc_upstream_servers(["app1", "app2"], groups, hostvars) == ["10.0.1.21:9001", "10.0.1.21:9002"]
+    grpc_rules = [r for r in firewall_rules("app1", groups, hostvars) if r["port"] in (9001, 9002)]
+    # Prometheus scrapes the HTTP port: the monitoring host gets no gRPC rule.
+    assert grpc_rules == [{"port": p, "proto": "tcp", "from": "10.0.1.10"} for p in (9001, 9002)]
+    assert [r["port"] for r in firewall_rules("app2", groups, hostvars) if r["port"] > 8500] == [9100]
+    assert grpc_upstream_servers(["app2"], groups, hostvars) == []
 
 
 def test_an_lb_that_also_serves_keeps_its_own_instances_on_loopback():
@@ -70,8 +85,7 @@ def test_a_monitoring_host_that_is_the_lb_needs_no_more_than_its_node_exporter_p
     assert node_exporter_address("lb1", groups, CLUSTER_VARS) == "127.0.0.1"
     assert node_exporter_address("app1", groups, CLUSTER_VARS) == "10.0.1.21"
     assert firewall_rules("app1", groups, CLUSTER_VARS) == [
-        {"port": 8001, "proto": "tcp", "from": "10.0.1.10"}, {"port": 8002, "proto": "tcp", "from": "10.0.1.10"},
-        {"port": 9100, "proto": "tcp", "from": "10.0.1.10"}]
+        {"port": port, "proto": "tcp", "from": "10.0.1.10"} for port in (8001, 8002, 8501, 8502, 9100)]
     assert firewall_rules("lb1", groups, CLUSTER_VARS) == firewall_rules("lb1", CLUSTER, CLUSTER_VARS)
 
 
@@ -120,7 +134,8 @@ RENDER_PLAYBOOK = """
         mode: "0644"
       vars:
         keys: [base_firewall_allowed_tcp_ports, base_firewall_deployment_rules, redis_bind, app_bind_address,
-               app_rate_limit_storage_uri, app_trusted_proxies, app_ip_address_allow, nginx_upstream_servers]
+               app_rate_limit_storage_uri, app_trusted_proxies, app_ip_address_allow, nginx_upstream_servers,
+               nginx_grpc_upstream_servers]
 """
 
 
@@ -172,6 +187,7 @@ def test_the_role_defaults_of_a_single_host(tmp_path):
         "app_trusted_proxies": ["127.0.0.1", "::1"],
         "app_ip_address_allow": [],
         "nginx_upstream_servers": ["127.0.0.1:8001", "127.0.0.1:8002"],
+        "nginx_grpc_upstream_servers": ["127.0.0.1:8501", "127.0.0.1:8502"],
     }
 
 
@@ -188,10 +204,10 @@ def test_the_role_defaults_of_a_load_balancer_and_two_app_hosts(tmp_path):
         "10.0.1.22:8003",
     ]
     assert app["base_firewall_allowed_tcp_ports"] == [22]
+    assert lb["nginx_grpc_upstream_servers"] == [
+        "10.0.1.21:8501", "10.0.1.21:8502", "10.0.1.22:8501", "10.0.1.22:8502", "10.0.1.22:8503"]
     assert app["base_firewall_deployment_rules"] == [
-        {"port": 8001, "proto": "tcp", "from": "10.0.1.10"},
-        {"port": 8002, "proto": "tcp", "from": "10.0.1.10"},
-    ]
+        {"port": port, "proto": "tcp", "from": "10.0.1.10"} for port in (8001, 8002, 8501, 8502)]
     assert app["app_bind_address"] == "10.0.1.21"
     assert app["app_rate_limit_storage_uri"] == "redis://:s3cret@10.0.1.10:6379/0"
     assert app["app_trusted_proxies"] == ["127.0.0.1", "::1", "10.0.1.10"]

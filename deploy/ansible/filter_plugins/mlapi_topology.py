@@ -21,6 +21,8 @@ LOOPBACK = "127.0.0.1"
 # The app role's defaults, for app hosts whose inventory does not set them.
 APP_INSTANCES = 2
 APP_PORT_PREFIX = "800"
+# Instance N of an app host serves gRPC on <app_grpc_port_prefix>N unless app_grpc_enabled is false.
+APP_GRPC_PORT_PREFIX = "850"
 # The monitoring role's default, for hosts whose inventory does not set it.
 NODE_EXPORTER_PORT = 9100
 
@@ -94,10 +96,35 @@ def upstream_servers(app_hosts: Iterable[str], groups: Mapping[str, list[str]],
     return servers
 
 
+def grpc_upstream_servers(app_hosts: Iterable[str], groups: Mapping[str, list[str]],
+                          hostvars: Mapping[str, Any]) -> list[str]:
+    """The gRPC port of every instance of every app host that serves gRPC, as address:port; empty when
+    none does (NGINX then has no gRPC location)."""
+    servers = []
+    for host in app_hosts:
+        address = service_address(host, groups, hostvars)
+        servers += [f"{address}:{port}" for port in grpc_ports(host, hostvars)]
+    return servers
+
+
 def app_ports(host: str, hostvars: Mapping[str, Any]) -> list[int]:
     host_vars = _vars(hostvars, host)
     prefix = str(host_vars.get("app_port_prefix", APP_PORT_PREFIX))
     return [int(f"{prefix}{i}") for i in range(1, int(host_vars.get("app_instances", APP_INSTANCES)) + 1)]
+
+
+def grpc_ports(host: str, hostvars: Mapping[str, Any]) -> list[int]:
+    """The gRPC ports of `host`'s instances; none when app_grpc_enabled is false."""
+    host_vars = _vars(hostvars, host)
+    if not _truthy(host_vars.get("app_grpc_enabled", True)):
+        return []
+    prefix = str(host_vars.get("app_grpc_port_prefix", APP_GRPC_PORT_PREFIX))
+    return [int(f"{prefix}{i}") for i in range(1, int(host_vars.get("app_instances", APP_INSTANCES)) + 1)]
+
+
+def _truthy(value: Any) -> bool:
+    """An inventory boolean, which may arrive as the string "false"."""
+    return value.strip().lower() not in ("false", "no", "off", "0", "") if isinstance(value, str) else bool(value)
 
 
 def peers(host: str, group: str, groups: Mapping[str, list[str]]) -> list[str]:
@@ -108,13 +135,17 @@ def peers(host: str, group: str, groups: Mapping[str, list[str]]) -> list[str]:
 def firewall_rules(host: str, groups: Mapping[str, list[str]], hostvars: Mapping[str, Any]) -> list[dict]:
     """The ports `host` opens to other hosts of the deployment, and to them only: the service ports to
     the load balancers and monitoring hosts, the Redis port to the app hosts, the node exporter's port to
-    the monitoring hosts. Empty on a single host."""
+    the monitoring hosts, the gRPC ports to the load balancers. Empty on a single host."""
     rules = []
     monitors = private_addresses(peers(host, "monitoring", groups), hostvars)
     if host in groups.get("app", []) and service_address(host, groups, hostvars) != LOOPBACK:
         clients = list(dict.fromkeys(private_addresses(peers(host, "lb", groups), hostvars) + monitors))
         for port in app_ports(host, hostvars):
             rules += [{"port": port, "proto": "tcp", "from": address} for address in clients]
+        # gRPC is NGINX's alone: Prometheus scrapes the HTTP port.
+        lbs = private_addresses(peers(host, "lb", groups), hostvars)
+        for port in grpc_ports(host, hostvars):
+            rules += [{"port": port, "proto": "tcp", "from": address} for address in lbs]
     if host in groups.get("redis", []):
         port = int(_vars(hostvars, host).get("redis_port", 6379))
         rules += [{"port": port, "proto": "tcp", "from": address}
@@ -143,6 +174,7 @@ class FilterModule:
             "mlapi_node_exporter_address": node_exporter_address,
             "mlapi_unreachable_instances": unreachable_instances,
             "mlapi_upstream_servers": upstream_servers,
+            "mlapi_grpc_upstream_servers": grpc_upstream_servers,
             "mlapi_peers": peers,
             "mlapi_firewall_rules": firewall_rules,
             "mlapi_redis_address": redis_address,
