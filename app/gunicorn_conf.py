@@ -117,9 +117,13 @@ def post_fork(server, worker) -> None:  # type: ignore[no-untyped-def]
 
 
 def child_exit(server, worker) -> None:  # type: ignore[no-untyped-def]
-    """Fold the dead worker's metrics into the archive files, so the folder stays bounded."""
+    """Fold the dead worker's metrics into the archive files, so the folder stays bounded, and remove its
+    gRPC markers."""
     from app.metrics import archive_dead_processes, check_folder
 
     archive_dead_processes()
+    # Its gRPC hand-over markers (app/rpc/server.py, Listener), which a killed worker leaves behind.
+    for marker in Path(os.environ["PROMETHEUS_MULTIPROC_DIR"], "grpc").glob(f"{worker.pid}.*"):
+        marker.unlink(missing_ok=True)
     # During a reload the old workers and their replacements run side by side, with the master.
     check_folder(processes=2 * _settings.workers + 1, min_free_bytes=_settings.metrics_dir_min_free_bytes)

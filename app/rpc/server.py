@@ -24,7 +24,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import time
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote
 
@@ -382,7 +385,63 @@ class _Refusals(aio.ServerInterceptor):
         )
 
 
-async def start(app: Any, settings: Settings) -> aio.Server:
+class Listener:
+    """One worker's gRPC server, and its hand-over to the workers that replace it.
+
+    HTTP's listening socket is the master's, so connections wait in its backlog while workers change;
+    each worker's gRPC socket is its own. On a reload gunicorn forks the new workers and stops the old
+    ones at once, so an old worker that closed its socket before a new one opened its own would leave
+    the port closed, and a client would be refused. A stopping worker therefore keeps serving until a
+    sibling (another child of the same master) is listening, or no sibling is still starting (a full
+    stop), or the master is gone; each worker says which it is with a marker file in the instance's
+    metrics folder (``grpc/<pid>.up``, ``grpc/<pid>.stopping``)."""
+
+    POLL_SECONDS = 0.02
+
+    def __init__(self, server: aio.Server, marks: Path | None, handoff_seconds: float) -> None:
+        self.server = server
+        self.marks = marks
+        self.handoff_seconds = handoff_seconds
+        self.pid = os.getpid()
+        self.master = os.getppid()
+        if marks is not None:
+            marks.mkdir(parents=True, exist_ok=True)
+            (marks / f"{self.pid}.stopping").unlink(missing_ok=True)  # a marker of an earlier process of this pid
+            (marks / f"{self.pid}.up").touch()
+
+    def _state(self, pid: int) -> str:
+        assert self.marks is not None
+        if (self.marks / f"{pid}.up").exists():
+            return "up"
+        return "stopping" if (self.marks / f"{pid}.stopping").exists() else "starting"
+
+    def _siblings(self) -> set[int] | None:
+        try:
+            children = Path(f"/proc/{self.master}/task/{self.master}/children").read_text().split()
+        except OSError:
+            return None
+        return {int(pid) for pid in children} - {self.pid}
+
+    async def stop(self, grace: float) -> None:
+        """Hand over, then stop: RPCs in flight get ``grace`` seconds, new ones are refused."""
+        if self.marks is not None:
+            (self.marks / f"{self.pid}.stopping").touch()
+            (self.marks / f"{self.pid}.up").unlink(missing_ok=True)
+            deadline = time.monotonic() + self.handoff_seconds
+            while time.monotonic() < deadline and os.getppid() == self.master:
+                siblings = self._siblings()
+                if siblings is None:
+                    break
+                states = {self._state(pid) for pid in siblings}
+                if "up" in states or "starting" not in states:
+                    break
+                await asyncio.sleep(self.POLL_SECONDS)
+        await self.server.stop(grace)
+        if self.marks is not None:
+            (self.marks / f"{self.pid}.stopping").unlink(missing_ok=True)
+
+
+async def start(app: Any, settings: Settings) -> Listener:
     """Start this worker's gRPC server on MLAPI_GRPC_BIND; a port that cannot be bound stops the worker."""
     assert settings.grpc_bind
     server = aio.server(
@@ -402,4 +461,6 @@ async def start(app: Any, settings: Settings) -> aio.Server:
                            "choose a free host:port") from None
     await server.start()
     log.info("gRPC listening", extra={"bind": settings.grpc_bind, "port": port, "service": SERVICE})
-    return server
+    metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")  # one per instance, emptied by a fresh master
+    marks = Path(metrics_dir) / "grpc" if metrics_dir else None
+    return Listener(server, marks, handoff_seconds=min(10.0, settings.graceful_timeout / 2))

@@ -10,7 +10,11 @@ edge's own refusals must arrive as gRPC statuses.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -252,6 +256,69 @@ def test_every_worker_serves_grpc(service):
     assert pids() == service.workers()
 
 
+def _reload_with_slow_new_workers(server) -> None:
+    """SIGHUP, then every new worker is stopped as soon as it is forked, for longer than the old workers take
+    to shut down when nothing holds them (MLAPI_RETIRE_GRACE is 1 s), then let go."""
+    old = server.workers()
+    server.signal(signal.SIGHUP)
+    held: set[int] = set()
+    until = time.monotonic() + 2.5
+    while time.monotonic() < until:
+        for pid in server.workers() - old - held:
+            os.kill(pid, signal.SIGSTOP)
+            held.add(pid)
+        time.sleep(0.002)
+    assert held, "no new worker was forked"
+    for pid in held:
+        os.kill(pid, signal.SIGCONT)
+    wait_for(lambda: not (server.workers() & old), 30, what="the old workers gone")
+
+
+def _reloads_under_traffic(client, server, reloads: int) -> tuple[int, list[str]]:
+    """Reload ``server`` (slow new workers) ``reloads`` times while another thread sends RPCs back to back through
+    ``client``: (RPCs answered, refusals)."""
+    X = tensor(np.array(ROWS[:1]), "FP64")
+    answered, refused, done = [0], [], threading.Event()
+
+    def traffic() -> None:
+        while not done.is_set():
+            try:
+                client.infer("iris", [X])
+                answered[0] += 1
+            except InferenceServerException as exc:
+                refused.append(f"{exc.status()} {exc.message()}")
+
+    thread = threading.Thread(target=traffic)
+    thread.start()
+    try:
+        for _ in range(reloads):
+            _reload_with_slow_new_workers(server)
+    finally:
+        done.set()
+        thread.join(30)
+    return answered[0], refused
+
+
+def test_a_reload_keeps_the_grpc_port_open_even_when_the_new_workers_are_slow_to_start(demo_models):
+    """gunicorn stops the old workers as soon as it has forked the new ones; each worker's gRPC socket is its
+    own, so an old worker hands over to a listening successor before it closes its socket. The new workers
+    are held stopped (SIGSTOP) for a while after each reload to make the wait real: without the hand-over,
+    every RPC of that while is refused (UNAVAILABLE, connection refused).
+
+    What remains is gRPC's own shutdown race: an RPC that has reached an old worker's connection but not yet
+    its handler when the server stops is cancelled by gRPC's core (CANCELLED), at most one per old worker."""
+    env, port = _service_env(demo_models, MLAPI_RATE_LIMIT_ENABLED="false")
+    with gunicorn(env, workers=2) as server, triton.InferenceServerClient(f"127.0.0.1:{port}") as c:
+        answered, refused = _reloads_under_traffic(c, server, 2)
+        unavailable = [r for r in refused if not r.startswith("StatusCode.CANCELLED")]
+        assert unavailable == [], f"{len(unavailable)} RPCs refused during reloads, e.g. {unavailable[:3]}"
+        assert len(refused) <= 2 * 2, refused  # the shutdown race: one per old worker and reload at most
+        assert answered > 0
+        # The markers of the workers that left are gone with them.
+        marks = {int(p.stem) for p in Path(server.metrics_dir, "grpc").iterdir()}
+        assert marks <= server.workers(), marks
+
+
 def test_api_keys_and_rate_limits_are_the_same_as_for_rest(demo_models):
     digest = __import__("hashlib").sha256(KEY.encode()).hexdigest()
     env, port = _service_env(demo_models, MLAPI_API_KEY_HASHES=digest, MLAPI_RATE_LIMIT_PREDICT="4/minute")
@@ -348,3 +415,22 @@ def test_no_instance_answering_is_unavailable_at_the_edge(edge):
         c.is_server_live()
     assert refused.value.status() == "StatusCode.UNAVAILABLE"
     assert "No instance of the service answered" in refused.value.message()
+
+
+def test_rpcs_through_nginx_survive_reloads_of_an_instance(tmp_path, demo_models):
+    """Two instances behind NGINX, as on a host; one is reloaded under a steady stream of RPCs, its new
+    workers slow to start. No RPC finds the port closed; gRPC's shutdown race (an RPC cancelled as an old
+    worker's server stops, see above) reaches the client through NGINX as CANCELLED, at most once per old
+    worker."""
+    (env_a, port_a), (env_b, port_b) = (_service_env(demo_models, MLAPI_RATE_LIMIT_ENABLED="false")
+                                        for _ in range(2))
+    with gunicorn(env_a, workers=2) as a, gunicorn(env_b, workers=2) as b:
+        for running in running_edge(tmp_path / "edge", [a.port, b.port],
+                                    nginx_grpc_upstream_servers=[f"127.0.0.1:{port_a}", f"127.0.0.1:{port_b}"],
+                                    nginx_rate_limit_rps=10000, nginx_rate_limit_burst=10000):
+            with tls_client(running) as c:
+                answered, refused = _reloads_under_traffic(c, a, 1)
+            failed = [r for r in refused if not r.startswith("StatusCode.CANCELLED")]
+            assert failed == [], f"{len(failed)} of {len(refused) + answered} RPCs failed: {failed[:3]}"
+            assert len(refused) <= 2, refused
+            assert answered > 0
