@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -88,3 +89,11 @@ def client_python(name: str, requirements: Path | None = None, base: str | None 
 if __name__ == "__main__":
     for env in sys.argv[1:] or NAMES:
         print(client_python(env))
+
+
+def run_script(name: str, script: Path, *args: str) -> dict:
+    """Run ``script`` with the python of client venv ``name``; the one JSON object it prints."""
+    result = subprocess.run([str(client_python(name)), str(script), *args],
+                            check=False, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout)

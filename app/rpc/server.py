@@ -157,7 +157,8 @@ def infer_body(request: Any) -> tuple[bytes, int, bool]:
     inputs, chunks = [], []
     for i, tensor in enumerate(request.inputs):
         if raw:
-            if tensor.HasField("contents"):
+            # MLServer's converter sends an empty contents beside raw_input_contents: only values count.
+            if any(len(getattr(tensor.contents, name)) for name in _CONTENT_FIELDS):
                 raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
                               f"input {tensor.name!r} has contents while raw_input_contents is used; "
                               "send every input one way")

@@ -24,7 +24,7 @@ from sklearn.datasets import load_iris
 from tritonclient.utils import InferenceServerException
 
 from app.packages.gate import load_package
-from tests.client_envs import client_python
+from tests.client_envs import client_python, run_script
 from tests.servers import Process, free_port, gunicorn, wait_for
 
 from edge_service import SERVER_NAME, service_behind_edge
@@ -169,10 +169,7 @@ def test_triton_errors_carry_the_status_and_the_message(triton_client, model, ma
 
 
 def run_client(env: str, script: str, *args: str) -> dict:
-    result = subprocess.run([str(client_python(env)), str(SCRIPTS / script), *args],
-                            check=False, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout)
+    return run_script(env, SCRIPTS / script, *args)
 
 
 def test_kserve_sdk_v1_and_v2(server, iris):

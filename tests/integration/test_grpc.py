@@ -30,6 +30,7 @@ from tritonclient.utils import InferenceServerException
 from app.cli.train_demo import churn_data
 from app.packages.gate import load_package
 from app.packages.manifest import ONNX_TOLERANCE
+from tests.client_envs import run_script
 from tests.servers import free_port, gunicorn, wait_for
 
 from edge_service import service_access_lines
@@ -207,6 +208,10 @@ def test_malformed_messages_are_refused_by_name(stub):
     raw.inputs.add(name="input-0", datatype="FP64", shape=[1, 4])
     code, details = _refusal(lambda: stub.ModelInfer(raw))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "2 entries for 1 inputs" in details
+    both = request(fp64_contents=[1, 2, 3, 4])
+    both.raw_input_contents.append(np.ones(4).tobytes())
+    code, details = _refusal(lambda: stub.ModelInfer(both))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "send every input one way" in details
     unknown = request(fp64_contents=[1, 2, 3, 4])
     unknown.outputs.add(name="decision_function")
     code, details = _refusal(lambda: stub.ModelInfer(unknown))
@@ -343,6 +348,40 @@ def test_api_keys_and_rate_limits_are_the_same_as_for_rest(demo_models):
                 service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, metadata=[("x-api-key", KEY)])
         assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert int(dict(refused.value.trailing_metadata())["retry-after"]) >= 1
+
+
+# The KServe SDK's and MLServer's gRPC clients, each from its own venv ----------------------------
+
+
+SCRIPTS = Path(__file__).parent / "client_scripts"
+FEATURES = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
+
+
+def test_kserve_sdk_grpc_client(service, iris):
+    out = run_script("kserve", SCRIPTS / "kserve_grpc_calls.py", f"127.0.0.1:{service.grpc_port}", "iris",
+                     json.dumps(ROWS))
+    assert out["live"] is True and out["ready"] is True and out["model_ready"] is True
+    labels = in_process(iris, np.array(ROWS, dtype=np.float32))[0]
+    assert out["infer"] == {"id": "kserve-grpc", "model": "iris", "name": "predict", "shape": [len(ROWS), 1],
+                            "datatype": "BYTES", "data": labels}
+    assert out["error"]["code"] == "INVALID_ARGUMENT" and "expected shape [n, 4]" in out["error"]["message"]
+
+
+def test_mlserver_codecs_round_trip_over_grpc(service, iris, demo_models):
+    diabetes = load_package(demo_models / "diabetes" / "1")
+    X = np.linspace(-0.05, 0.05, 30).reshape(3, 10)
+    out = run_script("mlserver", SCRIPTS / "mlserver_grpc_codecs.py", f"127.0.0.1:{service.grpc_port}",
+                     json.dumps(ROWS), json.dumps(diabetes.feature_names), json.dumps(X.tolist()))
+    probabilities = in_process(iris, ROWS)[1]
+    predicted = diabetes.score(X)[0]
+    for kind in ("typed", "raw"):
+        answer = out[kind]
+        assert answer["iris_proba"]["shape"] == list(probabilities.shape), kind
+        np.testing.assert_array_equal(answer["iris_proba"]["values"], probabilities.reshape(-1))
+        assert answer["diabetes_numpy"]["shape"] == [3, 1], kind
+        np.testing.assert_array_equal(answer["diabetes_numpy"]["values"], predicted)
+        assert answer["diabetes_pandas"]["columns"] == ["predict"], kind
+        np.testing.assert_array_equal(answer["diabetes_pandas"]["values"], predicted)
 
 
 # Through NGINX -----------------------------------------------------------------------------------
