@@ -106,7 +106,7 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
             rpc = await start(app, settings)
         yield
         if rpc is not None:
-            await rpc.stop(settings.graceful_timeout)  # RPCs in flight finish, new ones are refused
+            await rpc.stop(settings.graceful_timeout / 4)  # RPCs in flight finish, new ones are refused
         prediction_log.close()  # in each worker: what is queued is written before it exits
 
     app = FastAPI(

@@ -59,7 +59,9 @@ _CODES = {
     504: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
 # Metadata that is gRPC's own, not a header of the request it stands for.
-_NOT_HEADERS = {"content-type", "content-length", "te", "user-agent", "accept-encoding", "host"}
+# The ones the servicer sets itself (the body's form) are not taken from the client either.
+_NOT_HEADERS = {"content-type", "content-length", "te", "user-agent", "accept-encoding", "host", "content-encoding",
+                tensors.HEADER_LENGTH}
 # The typed contents field of each datatype (FP16 has none: the protocol sends it raw only).
 _CONTENTS = {
     "BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
@@ -140,11 +142,15 @@ def _raw_from_contents(tensor: Any) -> bytes:
     values = list(getattr(tensor.contents, field))
     if datatype == "BYTES":
         return tensors.to_binary(np.array(values, dtype=object), "BYTES")
-    try:
-        return tensors.to_binary(np.array(values), datatype) if values else b""
-    except OverflowError:
-        raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
-                      f"input {tensor.name!r}: a value lies outside the range of {datatype}") from None
+    dtype = np.dtype(tensors.NUMPY_TYPES[datatype])
+    if dtype.kind in "iu" and values:
+        # int_contents and uint_contents are 32-bit: an INT8 of 300 would wrap to 44 in the cast.
+        limits = np.iinfo(dtype)
+        if min(values) < limits.min or max(values) > limits.max:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"input {tensor.name!r}: a value lies outside the range of {datatype} "
+                          f"({limits.min} to {limits.max})")
+    return tensors.to_binary(np.array(values, dtype=dtype), datatype)
 
 
 def infer_body(request: Any) -> tuple[bytes, int, bool]:
@@ -224,6 +230,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     def __init__(self, app: Any, settings: Settings) -> None:
         self.app: Any = ProxyHeadersMiddleware(app, trusted_hosts=settings.trusted_proxies)
+        # gRPC's Python server does not show the call's authority: the Host of its REST call is the first of
+        # MLAPI_TRUSTED_HOSTS (NGINX has already matched the site's name), else the bind address.
+        host = settings.trusted_hosts[0] if settings.trusted_hosts else (settings.grpc_bind or "").rpartition(":")[0]
+        if host == "*":
+            host = ""
+        elif host.startswith("*."):
+            host = "grpc" + host[1:]
+        self.host = (host or "localhost").encode("latin-1")
         self.background: set[asyncio.Task[None]] = set()
 
     async def _call(
@@ -234,7 +248,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             if isinstance(value, str) and not key.startswith((":", "grpc-")) and key.lower() not in _NOT_HEADERS
         ]
         request_headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in [*metadata, *headers]]
-        request_headers += [(b"content-length", str(len(body)).encode()), (b"user-agent", _user_agent(context))]
+        request_headers += [(b"content-length", str(len(body)).encode()), (b"user-agent", _user_agent(context)),
+                            (b"host", self.host)]
         scope = {
             "type": "http",
             "asgi": {"version": "3.0", "spec_version": "2.3"},
@@ -399,8 +414,10 @@ class Listener:
 
     POLL_SECONDS = 0.02
 
-    def __init__(self, server: aio.Server, marks: Path | None, handoff_seconds: float) -> None:
+    def __init__(self, server: aio.Server, servicer: InferenceServicer, marks: Path | None,
+                 handoff_seconds: float) -> None:
         self.server = server
+        self.servicer = servicer
         self.marks = marks
         self.handoff_seconds = handoff_seconds
         self.pid = os.getpid()
@@ -424,7 +441,7 @@ class Listener:
         return {int(pid) for pid in children} - {self.pid}
 
     async def stop(self, grace: float) -> None:
-        """Hand over, then stop: RPCs in flight get ``grace`` seconds, new ones are refused."""
+        """Hand over, then stop: RPCs in flight and the app's work after them get ``grace`` seconds each."""
         if self.marks is not None:
             (self.marks / f"{self.pid}.stopping").touch()
             (self.marks / f"{self.pid}.up").unlink(missing_ok=True)
@@ -438,6 +455,8 @@ class Listener:
                     break
                 await asyncio.sleep(self.POLL_SECONDS)
         await self.server.stop(grace)
+        if self.servicer.background:  # what the app does after its answers (shadow scoring)
+            await asyncio.wait(set(self.servicer.background), timeout=grace)
         if self.marks is not None:
             (self.marks / f"{self.pid}.stopping").unlink(missing_ok=True)
 
@@ -454,7 +473,8 @@ async def start(app: Any, settings: Settings) -> Listener:
             ("grpc.max_receive_message_length", settings.max_body_bytes),
         ],
     )
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(app, settings), server)
+    servicer = InferenceServicer(app, settings)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
     try:
         port = server.add_insecure_port(settings.grpc_bind)
     except RuntimeError as exc:
@@ -464,4 +484,5 @@ async def start(app: Any, settings: Settings) -> Listener:
     log.info("gRPC listening", extra={"bind": settings.grpc_bind, "port": port, "service": SERVICE})
     metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")  # one per instance, emptied by a fresh master
     marks = Path(metrics_dir) / "grpc" if metrics_dir else None
-    return Listener(server, marks, handoff_seconds=min(10.0, settings.graceful_timeout / 2))
+    # The hand-over and the RPCs in flight share half of gunicorn's graceful timeout; the HTTP side had its turn.
+    return Listener(server, servicer, marks, handoff_seconds=min(10.0, settings.graceful_timeout / 4))

@@ -195,6 +195,32 @@ def test_refusals_carry_the_rest_status_and_message(client, model, X, datatype, 
     assert words in refused.value.message()
 
 
+@pytest.mark.parametrize(("datatype", "field", "values", "words"), [
+    ("INT8", "int_contents", [5, 3, 1, 0], None),
+    ("INT8", "int_contents", [5, 300, 1, 0], "outside the range of INT8 (-128 to 127)"),
+    ("UINT8", "uint_contents", [5, 256, 1, 0], "outside the range of UINT8 (0 to 255)"),
+    ("INT16", "int_contents", [5, -40000, 1, 0], "outside the range of INT16"),
+])
+def test_narrow_integers_are_scored_as_sent_or_refused_never_wrapped(stub, iris, datatype, field, values, words):
+    request = service_pb2.ModelInferRequest(model_name="iris")
+    request.inputs.add(name="input-0", datatype=datatype, shape=[1, 4]).contents.MergeFrom(
+        service_pb2.InferTensorContents(**{field: values}))
+    if words is None:
+        (predict,) = stub.ModelInfer(request).outputs
+        assert [v.decode() for v in predict.contents.bytes_contents] == in_process(iris, [values])[0]
+    else:
+        code, details = _refusal(lambda: stub.ModelInfer(request))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and words in details
+
+
+def test_a_host_check_does_not_refuse_rpcs(demo_models):
+    """With MLAPI_TRUSTED_HOSTS set, an RPC's REST call carries a Host the check accepts."""
+    env, port = _service_env(demo_models, MLAPI_TRUSTED_HOSTS="*.example.com,127.0.0.1")
+    with gunicorn(env, workers=1) as server, triton.InferenceServerClient(f"127.0.0.1:{port}") as c:
+        assert c.is_model_ready("iris")
+        assert httpx.get(server.url + "/readyz", headers={"Host": "evil.test"}).status_code == 400
+
+
 def test_malformed_messages_are_refused_by_name(stub):
     def request(**contents):
         r = service_pb2.ModelInferRequest(model_name="iris")
@@ -446,6 +472,14 @@ def test_the_edges_own_refusals_are_grpc_statuses(edge):
                 assert "Too many requests" in exc.message()
                 break
         assert statuses[-1] == "StatusCode.RESOURCE_EXHAUSTED"
+        # Health checks are not rate limited, as /healthz and /readyz are not.
+        assert c.is_server_live() and c.is_server_ready()
+    # The refusals went out as gRPC asks (HTTP 200, the code in grpc-status), and the log keeps the code.
+    lines = [json.loads(line) for line in edge.log_lines() if "/inference.GRPCInferenceService/" in line]
+    refusals = [line for line in lines if line["grpc_status"] not in ("", "0")]
+    assert {(line["uri"].rsplit("/", 1)[1], line["status"], line["grpc_status"]) for line in refusals} == {
+        ("ModelInfer", 200, "8"), ("ModelReady", 200, "8")}
+    assert any(line["grpc_status"] == "0" and line["upstream_status"] == "200" for line in lines)
 
 
 def test_no_instance_answering_is_unavailable_at_the_edge(edge):
