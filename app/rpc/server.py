@@ -18,6 +18,10 @@ UNAVAILABLE) with the REST error's message as details; ``x-request-id`` is retur
 metadata and ``retry-after`` in the trailing metadata of a refusal. The peer's address is the
 client's, rewritten from ``x-forwarded-for`` only when the peer is one of ``MLAPI_TRUSTED_PROXIES``
 (NGINX's grpc_pass), with uvicorn's own proxy-headers middleware, as for HTTP.
+
+The generated message modules register the protocol's names (``inference.ModelInferRequest``, ...) in
+protobuf's default pool, as tritonclient.grpc's modules do: one process imports one or the other, which is
+why only the workers import this module and the tests use client libraries in their own process.
 """
 
 from __future__ import annotations
