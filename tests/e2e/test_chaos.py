@@ -192,7 +192,7 @@ def test_no_request_fails_during(sandbox, action):
     assert load.result.failed == 0, (
         f"{action} lost requests: {load.result.summary()}. Find where they were lost (NGINX's error log on the lb "
         "host, `journalctl -u mlapi@1` on the app host) and fix the kit: the unit (deploy/systemd), gunicorn "
-        "(app/gunicorn_conf.py) or NGINX's retries (deploy/nginx/snippets/retry-predictions.conf.j2)"
+        "(app/gunicorn_conf.py) or NGINX's retries (deploy/nginx/snippets/location/retry-predictions.conf.j2)"
     )
 
 

@@ -68,7 +68,7 @@ def test_sslyze_finds_the_server_compliant_with_the_mozilla_intermediate_profile
         check_server_against_tls_configuration(sslyze_scan, profile)
     except ServerNotCompliantWithTlsConfiguration as exc:
         pytest.fail(f"not compliant with the Mozilla intermediate profile: {exc.issues}; change the TLS policy in "
-                    "deploy/nginx/snippets/tls.conf.j2 (or the certificate settings of the certbot role)")
+                    "deploy/nginx/snippets/http/tls.conf.j2 (or the certificate settings of the certbot role)")
 
 
 def test_sslyze_verifies_the_chain_up_to_pebbles_root(sslyze_scan, sandbox):
@@ -83,10 +83,12 @@ def test_sslyze_sees_hsts_for_at_least_the_profiles_max_age(sslyze_scan):
     # The profile asks for it; sslyze's own checker leaves the header out.
     profile = MozillaTlsConfiguration.get(TlsConfigurationEnum.MOZILLA_INTERMEDIATE)
     hsts = sslyze_scan.scan_result.http_headers.result.strict_transport_security_header
-    assert hsts is not None, "no Strict-Transport-Security header: see deploy/nginx/snippets/security-headers.conf.j2"
+    assert hsts is not None, (
+        "no Strict-Transport-Security header: see deploy/nginx/snippets/server/security-headers.conf.j2"
+    )
     assert hsts.max_age >= profile.hsts_min_age, (
         f"HSTS max-age is {hsts.max_age}, the profile asks for {profile.hsts_min_age}: "
-        "raise it in deploy/nginx/snippets/security-headers.conf.j2")
+        "raise it in deploy/nginx/snippets/server/security-headers.conf.j2")
 
 
 @pytest.mark.parametrize("version", ["ssl_2_0", "ssl_3_0", "tls_1_0", "tls_1_1"])
@@ -95,14 +97,14 @@ def test_sslyze_completes_no_handshake_with_an_old_protocol(sslyze_scan, version
     accepted = [suite.cipher_suite.name for suite in result.accepted_cipher_suites]
     assert not result.is_tls_version_supported and not accepted, (
         f"{version} handshakes succeed with {accepted}: keep ssl_protocols at TLSv1.2 TLSv1.3 in "
-        "deploy/nginx/snippets/tls.conf.j2")
+        "deploy/nginx/snippets/http/tls.conf.j2")
 
 
 def test_sslyze_completes_tls_1_2_and_1_3_handshakes(sslyze_scan):
     # The refusals above mean something only if the scanner's handshakes succeed where they should.
     for version in ("tls_1_2", "tls_1_3"):
         result = getattr(sslyze_scan.scan_result, f"{version}_cipher_suites").result
-        assert result.is_tls_version_supported, f"{version} is refused: see deploy/nginx/snippets/tls.conf.j2"
+        assert result.is_tls_version_supported, f"{version} is refused: see deploy/nginx/snippets/http/tls.conf.j2"
 
 
 # --- testssl.sh ---------------------------------------------------------------------------------------------------
@@ -175,7 +177,7 @@ def test_testssl_reports_only_ok_or_informational_findings(testssl_findings, ssl
                if f["severity"] not in ACCEPTED_SEVERITIES and not excused(f, testssl_findings, sslyze_scan)]
     assert not flagged, (
         "testssl.sh flags findings (full report: .cache/e2e/testssl.log); change the TLS policy in "
-        "deploy/nginx/snippets/tls.conf.j2 or the headers in security-headers.conf.j2:\n" + "\n".join(flagged))
+        "deploy/nginx/snippets/http/tls.conf.j2 or the headers in security-headers.conf.j2:\n" + "\n".join(flagged))
 
 
 def test_testssl_ran_the_chosen_checks(testssl_findings):

@@ -53,7 +53,7 @@ def edge(edge_and_service):
 
 def test_the_edge_runs_with_the_roles_limits(edge):
     """The figures this module relies on are the ones the role rendered."""
-    snippets = edge.prefix / "mlapi"
+    snippets = edge.prefix / "mlapi" / "http"
     limits = (snippets / "client-limits.conf").read_text()
     assert f"client_header_timeout {CLIENT_TIMEOUT_SECONDS}s;" in limits
     assert f"client_body_timeout {CLIENT_TIMEOUT_SECONDS}s;" in limits
