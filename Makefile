@@ -85,11 +85,11 @@ down: ## remove the sandbox hosts completely (the cached root filesystem stays)
 
 bench: venv ## as root: the full benchmark (about 25 minutes on 2 cores, a sandbox host of its own included)
 	@command -v wrk >/dev/null && command -v nginx >/dev/null || scripts/setup-host.sh
-	$(BIN)/python bench/run.py
+	$(BIN)/python -m bench.run
 
 bench-quick: venv ## every benchmark figure but provisioning, short and small (what CI runs as a smoke test)
 	@command -v wrk >/dev/null && command -v nginx >/dev/null || scripts/setup-host.sh
-	$(BIN)/python bench/run.py --quick
+	$(BIN)/python -m bench.run --quick
 
 config-reference: venv ## print every MLAPI_* setting as a Markdown table
 	@$(BIN)/python -m app.settings --markdown

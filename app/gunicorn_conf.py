@@ -20,9 +20,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-# Make `import app` work however gunicorn was started.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
+# `import app` below works because gunicorn puts its working directory (--chdir, by default the one it was
+# started in: the release's src/ on a host, the checkout here) on sys.path before it reads this file; an
+# installed kit (`pip install .`) imports from anywhere.
 from app.settings import SettingsError, load_settings
 
 try:

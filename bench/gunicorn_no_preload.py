@@ -4,11 +4,6 @@ Every worker imports the app and loads the models itself in the lifespan, as a
 deployment without ``preload_app`` would; nothing is loaded in the master.
 """
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from app.gunicorn_conf import *  # noqa: F403  the same bind, workers, worker class, timeouts
 
 preload_app = False

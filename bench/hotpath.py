@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """The single-row hot path alone: the service against the ceiling app, over HTTP or in one process.
 
-    .venv/bin/python bench/hotpath.py                  # gunicorn + wrk: kit-direct rf and logreg vs ceiling
-    .venv/bin/python bench/hotpath.py --profile 8      # and a py-spy profile of the kit's workers (rf)
-    .venv/bin/python bench/hotpath.py --in-process     # no server: the ASGI apps called on one event loop
+    .venv/bin/python -m bench.hotpath                  # gunicorn + wrk: kit-direct rf and logreg vs ceiling
+    .venv/bin/python -m bench.hotpath --profile 8      # and a py-spy profile of the kit's workers (rf)
+    .venv/bin/python -m bench.hotpath --in-process     # no server: the ASGI apps called on one event loop
 
 Over HTTP it is figure 1 of bench/run.py for kit-direct and the ceiling only, at 16
 connections, interleaved, with the same servers and settings: requests/s and server CPU
@@ -26,11 +26,10 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from scripts.harness.samples import IRIS_ROW
+from scripts.harness.servers import ROOT
 
 SINGLE_PATH = {"rf": "/v1/predict", "logreg": "/v1/models/iris-logreg/predict"}
-IRIS_ROW = {"sepal_length": 5.1, "sepal_width": 3.5, "petal_length": 1.4, "petal_width": 0.2}
 
 
 def scope_for(path: str, body: bytes) -> dict:

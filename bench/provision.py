@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Figure 5: seconds from a fresh sandbox host to the first HTTPS prediction, and for the idempotent second run.
 
-    .venv/bin/python bench/provision.py      # this figure alone, printed as JSON (bench/run.py calls figure())
+    .venv/bin/python -m bench.provision      # this figure alone, printed as JSON (bench/run.py calls figure())
 
 Brings up a sandbox host of its own (scripts/sandbox/sandbox up, with the checkout's
 MLAPI_SANDBOX_* settings), runs deploy/ansible/site.yml on it as a user would, polls
@@ -17,16 +17,12 @@ import os
 import ssl
 import sys
 import time
-from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests" / "e2e"))
-
-from deploy import ensure_demo_models, run_playbook  # noqa: E402
-from load import IRIS  # noqa: E402
-from sandbox import ENV_FILE, SCRIPT, Sandbox, SandboxCommandError  # noqa: E402
+from scripts.harness.deploy import ensure_demo_models, run_playbook
+from scripts.harness.samples import IRIS
+from scripts.harness.sandbox import ENV_FILE, ROOT, SCRIPT, Sandbox, SandboxCommandError
 
 FIRST_PREDICTION_TIMEOUT = 300.0
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Benchmarks of the service against the tutorial app and the machine's ceiling, measured in one run.
 
-    .venv/bin/python bench/run.py            # the full run (about 15 minutes on 2 cores)
-    .venv/bin/python bench/run.py --quick    # every figure, short and small: the CI smoke run
+    .venv/bin/python -m bench.run            # the full run (about 15 minutes on 2 cores)
+    .venv/bin/python -m bench.run --quick    # every figure, short and small: the CI smoke run
 
 Everything runs on loopback and every process started here is stopped by its PID.
 Contenders: kit-https (NGINX rendered by the nginx role, TLS, in front of the
@@ -38,12 +38,10 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from bench.paced import paced  # noqa: E402
-from tests.integration import nginx_helpers  # noqa: E402
-from tests.servers import VENV_BIN, Gunicorn, Process, free_port, mlapi, wait_for  # noqa: E402
+from bench.paced import paced
+from scripts.harness import nginx
+from scripts.harness.samples import IRIS_ROW
+from scripts.harness.servers import ROOT, VENV_BIN, Gunicorn, Process, free_port, mlapi, wait_for
 
 BENCH = ROOT / "bench"
 CACHE = ROOT / ".cache" / "bench"
@@ -56,7 +54,6 @@ MODELS = {"rf": "iris", "logreg": "iris-logreg"}
 KIT_SINGLE_PATH = {"rf": "/v1/predict", "logreg": "/v1/models/iris-logreg/predict"}
 CONTENDERS = ("kit-https", "kit-direct", "tutorial", "ceiling")
 PACED = (("kit-https", "rf"), ("kit-https", "logreg"), ("kit-direct", "rf"), ("tutorial", "rf"), ("ceiling", None))
-IRIS_ROW = {"sepal_length": 5.1, "sepal_width": 3.5, "petal_length": 1.4, "petal_width": 0.2}
 FEATURES = tuple(IRIS_ROW)
 EDGE_NAME = "localhost"
 EDGE_LIMITS = {"nginx_rate_limit_rps": 1_000_000, "nginx_rate_limit_burst": 1_000_000, "nginx_limit_conn": 10_000}
@@ -96,7 +93,7 @@ def log(message: str) -> None:
 
 
 class BenchGunicorn(Gunicorn):
-    """tests.servers.Gunicorn with its own argument list (another config file or app) and log file."""
+    """scripts.harness.servers.Gunicorn with its own argument list (another config file or app) and log file."""
 
     def __init__(self, env: dict[str, str], workers: int, args: list[str], log_path: Path):
         self.port = free_port()
@@ -176,14 +173,14 @@ class Endpoint:
         return f"{'https' if self.https else 'http'}://{self.host}:{self.port}{self.path}"
 
 
-def edge(prefix: Path, upstream_port: int) -> nginx_helpers.Edge:
+def edge(prefix: Path, upstream_port: int) -> nginx.Edge:
     """The nginx role's configuration in front of one service instance, for the name ``localhost``.
 
     wrk sends the URL's host as TLS SNI and the site refuses handshakes for other names,
     so the site is named after a name that resolves to loopback without touching /etc/hosts.
     """
-    nginx_helpers.make_self_signed(prefix / "tls", EDGE_NAME)
-    return nginx_helpers.render(prefix, [upstream_port], with_certificate=False, nginx_server_name=EDGE_NAME,
+    nginx.make_self_signed(prefix / "tls", EDGE_NAME)
+    return nginx.render(prefix, [upstream_port], with_certificate=False, nginx_server_name=EDGE_NAME,
                                 **EDGE_LIMITS)
 
 
@@ -192,7 +189,7 @@ class Stack:
 
     def __init__(self, models_dir: Path, workdir: Path, profile: Profile):
         self.processes: list[Process] = []
-        self.edge: nginx_helpers.Edge | None = None
+        self.edge: nginx.Edge | None = None
         self.tutorials: dict[str, Process] = {}
         try:
             self._start(models_dir, workdir, profile)
@@ -242,7 +239,7 @@ class Stack:
         if contender == "kit-direct":
             return [self.kit.pid]
         assert self.edge is not None and self.edge.process is not None
-        return [self.kit.pid, self.edge.process.popen.pid]
+        return [self.kit.pid, self.edge.process.pid]
 
     def stop(self) -> None:
         if self.edge is not None:
@@ -873,7 +870,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     results: dict = {
         "meta": {
-            "command": "bench/run.py" + (" --quick" if args.quick else ""),
+            "command": "python -m bench.run" + (" --quick" if args.quick else ""),
             "quick": args.quick,
             "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,

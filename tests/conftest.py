@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.servers import mlapi
+from scripts.harness.servers import mlapi
 
 
 @pytest.fixture(scope="session")

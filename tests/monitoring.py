@@ -17,8 +17,8 @@ from typing import Any
 import httpx
 import yaml
 
-from tests.roles import render_role
-from tests.servers import Process, free_port, wait_for
+from scripts.harness.roles import render_role
+from scripts.harness.servers import Process, free_port, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 MONITORING_DIR = ROOT / "deploy" / "monitoring"

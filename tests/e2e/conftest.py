@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from sandbox import Sandbox
+from scripts.harness.sandbox import Sandbox
 
 # Tests that bring up and tear down a sandbox of their own run before any test uses the shared one,
 # so they never take away hosts that a provisioned fixture still relies on; the cluster tests replace the

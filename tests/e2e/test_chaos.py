@@ -15,7 +15,7 @@ import pytest
 from test_deploy_resilience import main_pid
 from test_deploy_tls_renewal import serial_after_renewal, served_serial
 
-from deploy import (
+from scripts.harness.deploy import (
     app_host,
     continuous_client,
     forced_renewal_command,
@@ -23,7 +23,7 @@ from deploy import (
     run_playbook,
     wait_until_every_instance_serves,
 )
-from load import LoadResult, record_load
+from scripts.harness.load import LoadResult, record_load
 
 pytestmark = pytest.mark.e2e
 

@@ -17,9 +17,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.servers import mlapi
-
-from deploy import (
+from scripts.harness.deploy import (
     IRIS,
     PlaybookRun,
     continuous_client,
@@ -30,7 +28,8 @@ from deploy import (
     run_playbook,
     wait_until_every_instance_serves,
 )
-from sandbox import Sandbox, SandboxHost
+from scripts.harness.sandbox import Sandbox, SandboxHost
+from scripts.harness.servers import mlapi
 
 pytestmark = pytest.mark.e2e
 

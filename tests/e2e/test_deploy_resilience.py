@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from deploy import app_host, continuous_client, require_provisioned, wait_until_every_instance_serves
+from scripts.harness.deploy import app_host, continuous_client, require_provisioned, wait_until_every_instance_serves
 
 pytestmark = pytest.mark.e2e
 

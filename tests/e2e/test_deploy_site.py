@@ -14,8 +14,8 @@ from urllib.parse import quote
 import httpx
 import pytest
 
-from deploy import ROOT, app_host, grpc_client, https, provision, require_provisioned, run_playbook
-from load import IRIS
+from scripts.harness.deploy import ROOT, app_host, grpc_client, https, provision, require_provisioned, run_playbook
+from scripts.harness.samples import IRIS
 
 pytestmark = pytest.mark.e2e
 

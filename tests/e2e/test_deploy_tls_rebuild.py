@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import pytest
 from test_deploy_tls_renewal import serial_after_renewal, served_serial
 
-from deploy import PlaybookRun, forced_renewal_command, require_provisioned, run_playbook
-from sandbox import STATE_DIR, Sandbox
+from scripts.harness.deploy import PlaybookRun, forced_renewal_command, require_provisioned, run_playbook
+from scripts.harness.sandbox import STATE_DIR, Sandbox
 
 pytestmark = pytest.mark.e2e
 

@@ -9,7 +9,12 @@ import time
 
 import pytest
 
-from deploy import continuous_client, forced_renewal_command, require_provisioned, wait_until_every_instance_serves
+from scripts.harness.deploy import (
+    continuous_client,
+    forced_renewal_command,
+    require_provisioned,
+    wait_until_every_instance_serves,
+)
 
 pytestmark = pytest.mark.e2e
 

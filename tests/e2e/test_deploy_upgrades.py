@@ -7,10 +7,7 @@ from urllib.parse import quote
 
 import pytest
 
-from tests.model_packages import iris_package
-from tests.servers import mlapi
-
-from deploy import (
+from scripts.harness.deploy import (
     ROOT,
     app_host,
     continuous_client,
@@ -20,7 +17,10 @@ from deploy import (
     run_playbook,
     wait_until_every_instance_serves,
 )
-from load import IRIS, record_load
+from scripts.harness.load import record_load
+from scripts.harness.samples import IRIS
+from scripts.harness.servers import mlapi
+from tests.model_packages import iris_package
 
 pytestmark = pytest.mark.e2e
 

@@ -13,10 +13,9 @@ import re
 import joblib
 import pytest
 
+from scripts.harness.deploy import app_host, ensure_demo_models, https, require_provisioned, run_playbook
+from scripts.harness.samples import IRIS
 from tests.model_packages import MODEL_JOBLIB, REFUSED_KINDS, copy_as_version, refused_copy, resign
-
-from deploy import app_host, ensure_demo_models, https, require_provisioned, run_playbook
-from load import IRIS
 
 pytestmark = pytest.mark.e2e
 

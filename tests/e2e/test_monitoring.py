@@ -19,10 +19,9 @@ from typing import Any
 
 import pytest
 
+from scripts.harness.deploy import app_host, https, require_provisioned, run_playbook, wait_until_every_instance_serves
+from scripts.harness.samples import IRIS
 from tests.monitoring import dashboard_queries
-
-from deploy import app_host, https, require_provisioned, run_playbook, wait_until_every_instance_serves
-from load import IRIS
 
 pytestmark = pytest.mark.e2e
 

@@ -25,11 +25,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from scripts.harness.deploy import ROOT, PlaybookRun, https, renewal_command, run_playbook
+from scripts.harness.samples import IRIS
+from scripts.harness.sandbox import Sandbox
 from tests.client_envs import packager_python
-
-from deploy import ROOT, PlaybookRun, https, renewal_command, run_playbook
-from load import IRIS
-from sandbox import Sandbox
 
 pytestmark = pytest.mark.e2e
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from sandbox import ROOT, Sandbox, host_name
+from scripts.harness.sandbox import ROOT, Sandbox, host_name
 
 pytestmark = pytest.mark.e2e
 

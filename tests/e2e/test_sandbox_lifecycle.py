@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from sandbox import PREFIX, STATE_DIR, Sandbox, host_name
+from scripts.harness.sandbox import PREFIX, STATE_DIR, Sandbox, host_name
 
 pytestmark = pytest.mark.e2e
 

@@ -31,7 +31,7 @@ from sslyze.mozilla_tls_profile.tls_config_checker import (
     check_server_against_tls_configuration,
 )
 
-from deploy import LOG_DIR, require_provisioned
+from scripts.harness.deploy import LOG_DIR, require_provisioned
 
 pytestmark = [
     pytest.mark.e2e,

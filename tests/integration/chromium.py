@@ -20,7 +20,7 @@ from typing import Any
 
 from websockets.sync.client import ClientConnection, connect
 
-from nginx_helpers import Process, wait_until
+from scripts.harness.servers import Process, wait_for
 
 # Pages record Content-Security-Policy violations here; a script added over the protocol
 # runs before the page's own and is not subject to its policy.
@@ -78,10 +78,7 @@ class Browser:
         if trusted_certificate is not None:
             argv.append(f"--ignore-certificate-errors-spki-list={spki_hash(trusted_certificate)}")
         argv.append("about:blank")
-        log = workdir / "chromium.log"
-        with log.open("wb") as out:
-            popen = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
-        self.process = Process(popen, log)
+        self.process = Process(argv, log=workdir / "chromium.log")
         self._ids = itertools.count(1)
         try:
             self._socket = self._connect()
@@ -95,11 +92,11 @@ class Browser:
         active_port = self.profile / "DevToolsActivePort"
 
         def started() -> bool:
-            if self.process.popen.poll() is not None:
-                raise AssertionError(f"chromium exited:\n{self.process.log.read_text()[-3000:]}")
+            if self.process.proc.poll() is not None:
+                raise AssertionError(f"chromium exited:\n{self.process.output()[-3000:]}")
             return active_port.exists() and len(active_port.read_text().splitlines()) == 2
 
-        wait_until(started, "chromium to open its DevTools port")
+        wait_for(started, 30, what="chromium to open its DevTools port")
         port = active_port.read_text().splitlines()[0]
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as answer:
             page = next(t for t in json.load(answer) if t["type"] == "page")
@@ -133,7 +130,7 @@ class Browser:
 
     def wait_for(self, expression: str, what: str) -> None:
         """Until the expression is true in the page (rendering takes a moment after the load)."""
-        wait_until(lambda: bool(self.evaluate(expression)), what, attempts=600, pause=0.1)
+        wait_for(lambda: bool(self.evaluate(expression)), 60, what=what)
 
     def csp_violations(self) -> list[str]:
         return self.evaluate("window.__cspViolations || []")

@@ -8,9 +8,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from tests.servers import Gunicorn, gunicorn
-
-from nginx_helpers import SERVER_NAME, Edge, running_edge
+from scripts.harness.nginx import SERVER_NAME, Edge, running_edge
+from scripts.harness.servers import Gunicorn, gunicorn
 
 
 @contextmanager

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.servers import ROOT
+from scripts.harness.servers import ROOT
 
 pytestmark = pytest.mark.integration
 
@@ -38,7 +38,7 @@ RATIOS = [
 def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess, Path]:
     output = tmp_path_factory.mktemp("bench")
     result = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--output", str(output)],
+        [sys.executable, "-m", "bench.run", "--quick", "--output", str(output)],
         cwd=ROOT, capture_output=True, text=True, timeout=900,
     )
     assert result.returncode == 0, f"bench/run.py --quick failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"

@@ -14,9 +14,9 @@ import pytest
 import tritonclient.grpc as triton_grpc
 
 from app.settings import Settings
+from scripts.harness.samples import IRIS_ROW
+from scripts.harness.servers import Process, free_port, gunicorn, mlapi, mlapi_command, wait_for
 from tests.model_packages import rows_csv
-from tests.servers import Process, free_port, gunicorn, mlapi, mlapi_command, wait_for
-from tests.unit.conftest import IRIS_ROW
 
 pytestmark = pytest.mark.integration
 

@@ -24,8 +24,8 @@ from sklearn.datasets import load_iris
 from tritonclient.utils import InferenceServerException
 
 from app.packages.gate import load_package
+from scripts.harness.servers import Process, free_port, gunicorn, wait_for
 from tests.client_envs import client_python, run_script
-from tests.servers import Process, free_port, gunicorn, wait_for
 
 from edge_service import SERVER_NAME, service_behind_edge
 
@@ -364,7 +364,7 @@ print(json.dumps(out))
 
 
 def test_a_client_generated_from_the_live_schema_round_trips(server, iris, tmp_path):
-    from tests.servers import VENV_BIN
+    from scripts.harness.servers import VENV_BIN
 
     schema = tmp_path / "openapi.json"
     schema.write_bytes(httpx.get(server.url + "/openapi.json", timeout=30).content)

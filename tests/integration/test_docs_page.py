@@ -12,13 +12,14 @@ from pathlib import Path
 
 import pytest
 
+from scripts.harness.servers import ROOT
+
 from chromium import Browser
 from edge_service import SERVER_NAME, service_behind_edge
-from nginx_helpers import REPO
 
 pytestmark = pytest.mark.integration
 
-SCREENSHOTS = REPO / ".cache" / "integration"
+SCREENSHOTS = ROOT / ".cache" / "integration"
 KEY = "a-key-for-the-docs-page"
 KEY_HASH = hashlib.sha256(KEY.encode()).hexdigest()
 # The texts of the page's innermost elements, quotes taken off (ReDoc shows names in JSON samples): a

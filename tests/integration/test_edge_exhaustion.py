@@ -20,8 +20,11 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from scripts.harness.nginx import ERROR_FIELDS, SERVER_NAME
+from scripts.harness.samples import IRIS_BODY
+from scripts.harness.servers import wait_for
+
 from edge_service import service_access_lines, service_behind_edge
-from nginx_helpers import ERROR_FIELDS, PREDICT_BODY, SERVER_NAME, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -158,8 +161,8 @@ def test_slow_header_clients_are_dropped_and_do_not_starve_normal_clients(edge):
 def _slow_body_request(i: int) -> bytes:
     return (
         f"POST /v1/predict HTTP/1.1\r\nHost: {SERVER_NAME}\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(PREDICT_BODY)}\r\nX-Request-ID: slow-body-{i}\r\n\r\n"
-    ).encode() + PREDICT_BODY[:1]
+        f"Content-Length: {len(IRIS_BODY)}\r\nX-Request-ID: slow-body-{i}\r\n\r\n"
+    ).encode() + IRIS_BODY[:1]
 
 
 def _rest_of_head(sock: ssl.SSLSocket, start: bytes) -> bytes:
@@ -193,7 +196,7 @@ def test_slow_body_clients_are_capped_per_address_held_off_the_service_and_dropp
                 for i in list(held):
                     answer = _poll(slow[i])
                     if answer is None:
-                        slow[i].send(PREDICT_BODY[sent:sent + 1])
+                        slow[i].send(IRIS_BODY[sent:sent + 1])
                     else:
                         refused.append(answer + _rest_of_head(slow[i], answer))
                         held.discard(i)
@@ -282,5 +285,5 @@ def test_a_100_mb_body_gets_413_from_the_edge_and_never_reaches_the_service(edge
         ids.update(e.get("client_request_id") for e in service_access_lines(service))
         return f"{request_id}-control" in ids
 
-    wait_until(control_logged, "the service's access log line of a request that reached it")
+    wait_for(control_logged, 30, what="the service's access log line of a request that reached it")
     assert request_id not in ids

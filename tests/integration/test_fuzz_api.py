@@ -28,8 +28,10 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
+from scripts.harness.nginx import ERROR_FIELDS, SERVER_NAME, Response
+from scripts.harness.servers import wait_for
+
 from edge_service import service_behind_edge
-from nginx_helpers import ERROR_FIELDS, SERVER_NAME, Response, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -262,7 +264,7 @@ def test_body_over_the_size_limit_gets_413_from_the_edge(edge):
         entries[:] = [e for e in map(json.loads, edge.log_lines()) if e["client_request_id"] == "over-size-1"]
         return bool(entries)
 
-    wait_until(logged, "the edge's access log line of the oversized request")
+    wait_for(logged, 30, what="the edge's access log line of the oversized request")
     assert entries[0]["upstream_addr"] in ("", "-"), "NGINX must refuse it itself, without asking the service"
 
 

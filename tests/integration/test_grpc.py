@@ -30,11 +30,11 @@ from tritonclient.utils import InferenceServerException
 from app.cli.train_demo import churn_data
 from app.packages.gate import load_package
 from app.packages.manifest import ONNX_TOLERANCE
+from scripts.harness.nginx import SERVER_NAME, running_edge
+from scripts.harness.servers import VENV_BIN, free_port, gunicorn, wait_for
 from tests.client_envs import run_script
-from tests.servers import free_port, gunicorn, wait_for
 
 from edge_service import service_access_lines
-from nginx_helpers import SERVER_NAME, VENV_BIN, running_edge
 
 pytestmark = pytest.mark.integration
 

@@ -23,9 +23,9 @@ import numpy as np
 import pytest
 
 from app.api.schemas import _class_name
+from scripts.harness.samples import IRIS_ROW
+from scripts.harness.servers import Gunicorn, gunicorn, wait_for
 from tests.model_packages import drop_the_bin_edges, iris_package, read_manifest
-from tests.servers import Gunicorn, gunicorn, wait_for
-from tests.unit.conftest import IRIS_ROW
 
 pytestmark = pytest.mark.integration
 

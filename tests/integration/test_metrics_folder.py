@@ -16,8 +16,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.servers import gunicorn
-from tests.unit.conftest import IRIS_ROW
+from scripts.harness.samples import IRIS_ROW
+from scripts.harness.servers import gunicorn
 
 pytestmark = pytest.mark.integration
 

@@ -17,9 +17,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from scripts.harness.samples import IRIS_ROW
+from scripts.harness.servers import gunicorn, redis_server, wait_for
 from tests.monitoring import Prometheus, alert_rules, dashboard_queries, prometheus
-from tests.servers import gunicorn, redis_server, wait_for
-from tests.unit.conftest import IRIS_ROW
 
 pytestmark = pytest.mark.integration
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.roles import render_role
-
-from nginx_helpers import VENV_BIN, free_port, render
+from scripts.harness.nginx import render
+from scripts.harness.roles import render_role
+from scripts.harness.servers import VENV_BIN, free_port
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "deploy" / "nginx"
 

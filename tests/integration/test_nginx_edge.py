@@ -18,18 +18,8 @@ import pytest
 
 from app.api.docs import REDOC_CSP, SWAGGER_UI_CSP
 from app.server.middleware import STRICT_CSP_HEADER
-
-from nginx_helpers import (
-    ERROR_FIELDS,
-    SERVER_NAME,
-    VENV_BIN,
-    Response,
-    free_port,
-    make_models,
-    running_edge,
-    start_gunicorn,
-    wait_until,
-)
+from scripts.harness.nginx import ERROR_FIELDS, SERVER_NAME, Response, make_models, running_edge, start_gunicorn
+from scripts.harness.servers import VENV_BIN, free_port, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -94,7 +84,7 @@ def log_entries(edge, value, field="request_id", count=1):
         matches[:] = [e for e in map(json.loads, edge.log_lines()) if e[field] == value]
         return len(matches) >= count
 
-    wait_until(logged, f"{count} access log line(s) with {field} {value}")
+    wait_for(logged, 30, what=f"{count} access log line(s) with {field} {value}")
     return matches
 
 
@@ -259,7 +249,7 @@ def test_two_clients_sending_the_same_request_id_never_share_a_log_key(edge, sou
         service_logged.update(e["request_id"] for e in service_log_entries(edge, "same-id.7"))
         return len(service_logged) >= 2
 
-    wait_until(in_service_logs, "both requests in the services' access logs")
+    wait_for(in_service_logs, 30, what="both requests in the services' access logs")
     assert edge_logged == service_logged == ids
 
 

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from nginx_helpers import free_port, make_models, running_edge, start_gunicorn, wait_until
+from scripts.harness.nginx import make_models, running_edge, start_gunicorn
+from scripts.harness.servers import free_port, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -78,7 +79,7 @@ def test_predictions_survive_a_dead_instance(cluster, stop, route):
         warm.append(predict(edge, route).status)
         return any(f"127.0.0.1:{dead}" in json.loads(line)["upstream_addr"] for line in edge.log_lines()[warm_start:])
 
-    wait_until(both_serve, f"the upstream to send a request to 127.0.0.1:{dead} again", attempts=300, pause=0.1)
+    wait_for(both_serve, 30, what=f"the upstream to send a request to 127.0.0.1:{dead} again")
     warm = warm[:10]
     stop(dead)
     log_start = len(edge.log_lines())

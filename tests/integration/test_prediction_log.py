@@ -10,8 +10,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.servers import gunicorn, wait_for
-from tests.unit.conftest import IRIS_ROW, metric
+from scripts.harness.metrics import metric
+from scripts.harness.samples import IRIS_ROW
+from scripts.harness.servers import gunicorn, wait_for
 
 pytestmark = pytest.mark.integration
 

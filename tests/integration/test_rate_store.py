@@ -13,10 +13,10 @@ from contextlib import ExitStack, contextmanager
 import httpx
 import pytest
 
-from tests.servers import RedisServer, gunicorn, tarpit, wait_for
-from tests.unit.conftest import IRIS_ROW, metric
-
-from nginx_helpers import running_edge
+from scripts.harness.metrics import metric
+from scripts.harness.nginx import running_edge
+from scripts.harness.samples import IRIS_ROW
+from scripts.harness.servers import RedisServer, gunicorn, tarpit, wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from scripts.harness.samples import IRIS_ROW
+from scripts.harness.servers import Gunicorn, gunicorn, wait_for
 from tests.model_packages import copy_as_version, drop_the_bin_edges
-from tests.servers import Gunicorn, gunicorn, wait_for
-from tests.unit.conftest import IRIS_ROW
 
 pytestmark = pytest.mark.integration
 

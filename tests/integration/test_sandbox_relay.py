@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.servers import free_port
+from scripts.harness.servers import free_port
 
 pytestmark = pytest.mark.integration
 

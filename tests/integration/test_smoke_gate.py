@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from scripts.harness.servers import ROOT, VENV_BIN, Gunicorn, gunicorn
 from tests.model_packages import copy_as_version, read_manifest, write_manifest
-from tests.servers import ROOT, VENV_BIN, Gunicorn, gunicorn
 
 pytestmark = pytest.mark.integration
 

@@ -16,8 +16,8 @@ import pytest
 
 from app.cli.train_demo import churn_data
 from app.packages.manifest import ONNX_TOLERANCE
+from scripts.harness.servers import gunicorn
 from tests.mlserver_codec import pandas_codec_request
-from tests.servers import gunicorn
 
 pytestmark = pytest.mark.integration
 

@@ -17,8 +17,8 @@ import time
 import httpx
 import pytest
 
-from tests.servers import ROOT, gunicorn, wait_for
-from tests.unit.conftest import IRIS_ROW
+from scripts.harness.samples import IRIS_ROW
+from scripts.harness.servers import ROOT, gunicorn, wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -37,14 +37,3 @@ def client(demo_models: Path) -> Iterator[TestClient]:
     """One app per test module for tests that only read; tests that change settings use make_client."""
     with _client(demo_models) as c:
         yield c
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    """The value of one sample in Prometheus exposition text (0 when absent)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return sample.value
-    return 0.0

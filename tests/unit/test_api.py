@@ -8,7 +8,8 @@ import re
 
 import pytest
 
-from tests.unit.conftest import IRIS_ROW, TestClient
+from scripts.harness.samples import IRIS_ROW
+from tests.unit.conftest import TestClient
 
 PREDICT = "/v1/predict"
 
@@ -251,7 +252,7 @@ def test_not_ready_without_models(make_client, tmp_path):
 
 
 def test_ready_while_the_rate_limit_store_is_down(make_client, demo_models):
-    from tests.servers import free_port
+    from scripts.harness.servers import free_port
 
     with make_client(demo_models, rate_limit_storage_uri=f"redis://127.0.0.1:{free_port()}/0") as c:
         ready = c.get("/readyz")
@@ -278,7 +279,7 @@ STORE_PASSWORD = "Sup3rS3cret-store-password"
     ],
 )
 def test_the_store_password_is_in_no_answer(make_client, demo_models, capsys, method, path):
-    from tests.servers import free_port
+    from scripts.harness.servers import free_port
 
     uri = f"redis://:{STORE_PASSWORD}@127.0.0.1:{free_port()}/0"
     with make_client(demo_models, rate_limit_storage_uri=uri) as c:
@@ -334,7 +335,7 @@ def test_unhandled_errors_are_500_without_a_traceback(make_client, demo_models, 
 
 
 def test_drift_is_scored_against_the_reference_and_exported(client):
-    from tests.unit.conftest import metric
+    from scripts.harness.metrics import metric
 
     shifted = [[7.9 + i * 0.001, 4.4, 6.9, 2.5] for i in range(250)]
     assert client.post("/v1/predict/batch", json={"instances": shifted}).status_code == 200

@@ -1,7 +1,7 @@
 """The mlapi command: package, verify, score, train-demo (serve is an integration test: it runs gunicorn).
 
 The main path of each runs the real command in a subprocess, exactly as a
-person runs it (tests.servers.mlapi: the installed entry point when it is this
+person runs it (scripts.harness.servers.mlapi: the installed entry point when it is this
 checkout's, else ``python -m app.cli``); the many ways to get the input wrong
 call the same ``main`` in-process, which saves a few seconds of imports per case.
 """
@@ -27,8 +27,8 @@ from sklearn.linear_model import LogisticRegression
 from app.cli import build_parser
 from app.cli import main as cli_main
 from app.packages.gate import load_package
+from scripts.harness.servers import ROOT, mlapi, mlapi_command
 from tests.model_packages import ODD_FEATURES, odd_names_package, rows_csv
-from tests.servers import ROOT, mlapi, mlapi_command
 
 IRIS_FEATURES = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
 COMMANDS = ["package", "verify", "score", "train-demo", "serve"]

@@ -9,7 +9,7 @@ import pytest
 
 from app.api.docs import API_KEY_SCHEME, ASSETS, REDOC_CSP, STATIC_URL, SWAGGER_UI_CSP
 from app.server.middleware import STRICT_CSP_HEADER
-from tests.unit.conftest import IRIS_ROW
+from scripts.harness.samples import IRIS_ROW
 
 PAGES = {"/docs": SWAGGER_UI_CSP, "/redoc": REDOC_CSP}
 STRICT_CSP = STRICT_CSP_HEADER[1].decode()

@@ -7,7 +7,9 @@ import json
 
 import pytest
 
-from tests.unit.conftest import IRIS_ROW, TestClient, metric
+from scripts.harness.metrics import metric
+from scripts.harness.samples import IRIS_ROW
+from tests.unit.conftest import TestClient
 
 KEY = "s3cret-key-for-tests"
 KEY_HASH = hashlib.sha256(KEY.encode()).hexdigest()

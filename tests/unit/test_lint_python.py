@@ -9,7 +9,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-PATHS = ["app", "tests", "bench", "scripts/sandbox/sandbox"]
+PATHS = ["app", "tests", "bench", "scripts/harness", "scripts/sandbox/sandbox"]
 
 
 def test_ruff_finds_nothing():

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from app.serving import inference
-from tests.unit.conftest import IRIS_ROW
+from scripts.harness.samples import IRIS_ROW
 
 LOGREG = "/v1/models/iris-logreg/predict"
 ROUTES = [

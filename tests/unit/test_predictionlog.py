@@ -12,7 +12,8 @@ import pytest
 from app.metrics import render
 from app.serving.predictionlog import REDACTED, FileSink, PredictionLog
 from app.settings import Settings
-from tests.unit.conftest import IRIS_ROW, metric
+from scripts.harness.metrics import metric
+from scripts.harness.samples import IRIS_ROW
 
 IRIS_LIST = list(IRIS_ROW.values())
 V2_BODY = {"inputs": [{"name": "input-0", "shape": [1, 4], "datatype": "FP64", "data": IRIS_LIST}]}

@@ -13,6 +13,9 @@ import pytest
 
 from app.serving.registry import ModelRegistry, pick_weighted, stable_fraction
 from app.settings import Settings
+from scripts.harness.metrics import metric
+from scripts.harness.samples import IRIS_ROW
+from scripts.harness.servers import mlapi
 from tests.model_packages import (
     ODD_FEATURES,
     broken_tags_package,
@@ -20,8 +23,6 @@ from tests.model_packages import (
     drop_the_bin_edges,
     odd_names_package,
 )
-from tests.servers import mlapi
-from tests.unit.conftest import IRIS_ROW, metric
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from scripts.harness.samples import IRIS_ROW
 from tests.model_packages import ODD_FEATURES, odd_names_package
-from tests.unit.conftest import IRIS_ROW, _client
+from tests.unit.conftest import _client
 
 # The iris row under the odd names: features keep the iris order, so the label is the same.
 ODD_ROW = dict(zip(ODD_FEATURES, IRIS_ROW.values(), strict=True))

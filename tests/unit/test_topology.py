@@ -7,6 +7,7 @@ Jinja in defaults/main.yml is checked as Ansible evaluates it."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -14,22 +15,23 @@ import sys
 from pathlib import Path
 
 import pytest
+from ansible.errors import AnsibleFilterError
 
 ROOT = Path(__file__).resolve().parents[2]
 ANSIBLE_DIR = ROOT / "deploy" / "ansible"
 BIN = Path(sys.executable).parent
-sys.path.insert(0, str(ANSIBLE_DIR / "filter_plugins"))
-
-from ansible.errors import AnsibleFilterError  # noqa: E402
-from mlapi_topology import (  # noqa: E402
-    firewall_rules,
-    grpc_upstream_servers,
-    node_exporter_address,
-    redis_address,
-    service_address,
-    unreachable_instances,
-    upstream_servers,
-)
+# The filter plugin as Ansible loads it: a file in filter_plugins/, not an installed module.
+_spec = importlib.util.spec_from_file_location("mlapi_topology", ANSIBLE_DIR / "filter_plugins" / "mlapi_topology.py")
+assert _spec is not None and _spec.loader is not None
+mlapi_topology = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(mlapi_topology)
+firewall_rules = mlapi_topology.firewall_rules
+grpc_upstream_servers = mlapi_topology.grpc_upstream_servers
+node_exporter_address = mlapi_topology.node_exporter_address
+redis_address = mlapi_topology.redis_address
+service_address = mlapi_topology.service_address
+unreachable_instances = mlapi_topology.unreachable_instances
+upstream_servers = mlapi_topology.upstream_servers
 
 SINGLE = {"lb": ["one"], "app": ["one"], "redis": ["one"]}
 CLUSTER = {"lb": ["lb1"], "app": ["app1", "app2"], "redis": ["lb1"]}

@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-ANSIBLE_DIR = Path(__file__).resolve().parent.parent / "deploy" / "ansible"
+ANSIBLE_DIR = Path(__file__).resolve().parents[2] / "deploy" / "ansible"
 _PLAYBOOK = """\
 - name: Render through the {role} role as it does on a host
   hosts: localhost

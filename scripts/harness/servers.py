@@ -17,7 +17,7 @@ from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 # Where a copy of the interpreter lives for users who cannot run the venv's own (see interpreter_for).
 SHARED_RUNTIMES = Path(os.environ.get("MLAPI_TEST_RUNTIMES", "/var/cache/mlapi-tests"))
@@ -98,16 +98,27 @@ def free_port() -> int:
 
 
 def wait_for(predicate, timeout: float = 60.0, interval: float = 0.1, what: str = "condition") -> None:
+    """Poll ``predicate`` until it is true; TimeoutError naming ``what`` (and the last error) after ``timeout``.
+
+    An exception from the predicate counts as "not yet" (a server still starting refuses connections), except an
+    AssertionError: the predicate's way to say it never will be (the process it waits for has exited).
+    """
     deadline = time.monotonic() + timeout
     last: Exception | None = None
     while time.monotonic() < deadline:
         try:
             if predicate():
                 return
+        except AssertionError:
+            raise
         except Exception as exc:  # the server may not be up yet
             last = exc
         time.sleep(interval)
     raise TimeoutError(f"{what} not reached within {timeout}s (last error: {last})")
+
+
+# Process.signal() shadows the module inside the class body, where default values are evaluated.
+_SIGTERM = signal.SIGTERM
 
 
 class Process:
@@ -131,9 +142,10 @@ class Process:
     def signal(self, sig: int) -> None:
         self.proc.send_signal(sig)
 
-    def stop(self, timeout: float = 30.0) -> None:
+    def stop(self, timeout: float = 30.0, sig: int = _SIGTERM) -> None:
+        """Send ``sig`` (SIGTERM, or e.g. NGINX's graceful SIGQUIT), then SIGKILL the group after ``timeout``."""
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            self.proc.send_signal(sig)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -145,7 +157,8 @@ class Process:
 class Gunicorn(Process):
     """gunicorn serving the app; with ``user``, the whole server (master included) runs as that user."""
 
-    def __init__(self, env: dict[str, str], port: int | None = None, workers: int = 2, user: str | None = None):
+    def __init__(self, env: dict[str, str], port: int | None = None, workers: int = 2, user: str | None = None,
+                 log: Path | None = None):
         self.port = port or free_port()
         self.metrics_dir = tempfile.mkdtemp(prefix="mlapi-prom-")
         command: list[str] = [str(VENV_BIN / "gunicorn")]
@@ -162,13 +175,13 @@ class Gunicorn(Process):
             **runtime_env,
             **env,
         }
-        super().__init__([*command, "-c", "app/gunicorn_conf.py", "app.main:create_app()"], env=full_env)
+        super().__init__([*command, "-c", "app/gunicorn_conf.py", "app.main:create_app()"], env=full_env, log=log)
         self.url = f"http://127.0.0.1:{self.port}"
 
     def wait_ready(self, timeout: float = 90.0) -> None:
         def ready() -> bool:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"gunicorn exited with {self.proc.returncode}:\n{self.output()[-3000:]}")
+                raise AssertionError(f"gunicorn exited with {self.proc.returncode}:\n{self.output()[-3000:]}")
             return httpx.get(self.url + "/readyz", timeout=2).status_code == 200
 
         wait_for(ready, timeout, what=f"gunicorn ready on {self.url}")
@@ -177,8 +190,8 @@ class Gunicorn(Process):
         """The PIDs of the master's children: its workers."""
         return {int(pid) for pid in Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text().split()}
 
-    def stop(self, timeout: float = 30.0) -> None:
-        super().stop(timeout)
+    def stop(self, timeout: float = 30.0, sig: int = _SIGTERM) -> None:
+        super().stop(timeout, sig)
         shutil.rmtree(self.metrics_dir, ignore_errors=True)
 
 

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import httpx
 
+from scripts.harness.samples import IRIS
+
 # The figures of every action tested under load (requests, statuses, longest stall), one entry per action.
 LOAD_RECORD = Path(__file__).resolve().parents[2] / ".cache" / "e2e" / "chaos.json"
-IRIS = {"features": {"sepal_length": 5.1, "sepal_width": 3.5, "petal_length": 1.4, "petal_width": 0.2}}
 
 
 def https_client(ca: Path, ip: str, domain: str, timeout: float = 30.0) -> HttpsClient:

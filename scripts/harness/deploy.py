@@ -23,10 +23,10 @@ from pathlib import Path
 from app.cli.train_demo import DEMO_MODELS
 from app.packages.gate import load_package
 from app.packages.manifest import PackageError
-from tests.servers import mlapi
-
-from load import IRIS, ContinuousClient, HttpsClient
-from sandbox import Sandbox
+from scripts.harness.load import ContinuousClient, HttpsClient
+from scripts.harness.samples import IRIS
+from scripts.harness.sandbox import Sandbox
+from scripts.harness.servers import mlapi
 
 ROOT = Path(__file__).resolve().parents[2]
 ANSIBLE_DIR = ROOT / "deploy" / "ansible"

@@ -10,26 +10,19 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import signal
 import socket
 import ssl
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.roles import render_role
-from tests.servers import free_port, mlapi
+from scripts.harness.roles import render_role
+from scripts.harness.samples import IRIS_BODY
+from scripts.harness.servers import Gunicorn, Process, free_port, mlapi, wait_for
 
-REPO = Path(__file__).resolve().parents[2]
-VENV_BIN = Path(sys.executable).parent
 SERVER_NAME = "api.mlapi.test"
-PREDICT_BODY = json.dumps(
-    {"features": {"sepal_length": 5.1, "sepal_width": 3.5, "petal_length": 1.4, "petal_width": 0.2}}
-).encode()
 ERROR_FIELDS = {"code", "message", "request_id", "details"}
 
 
@@ -43,19 +36,21 @@ def plain_http_port() -> int:
     return port
 
 
-def wait_until(predicate, what: str, attempts: int = 300, pause: float = 0.1) -> None:
-    """Poll a bounded number of times; the failure names what never happened."""
-    for _ in range(attempts):
-        if predicate():
-            return
-        time.sleep(pause)
-    raise AssertionError(f"gave up waiting: {what}")
+def _listening(process: Process, port: int, timeout: float = 30.0) -> bool:
+    """Whether ``process`` listens on 127.0.0.1:port within ``timeout``; False as soon as it exits."""
 
+    def up_or_gone() -> bool:
+        if process.proc.poll() is not None:
+            return True
+        with socket.socket() as s:
+            s.settimeout(0.2)
+            return s.connect_ex(("127.0.0.1", port)) == 0
 
-def _port_open(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.2)
-        return s.connect_ex(("127.0.0.1", port)) == 0
+    try:
+        wait_for(up_or_gone, timeout, what=f"a listener on 127.0.0.1:{port}")
+    except TimeoutError:
+        return False
+    return process.proc.poll() is None
 
 
 def make_self_signed(directory: Path, name: str = SERVER_NAME) -> tuple[Path, Path]:
@@ -75,61 +70,17 @@ def make_models(directory: Path) -> Path:
     return directory
 
 
-@dataclass
-class Process:
-    """A child process stopped by its PID."""
-
-    popen: subprocess.Popen
-    log: Path
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.popen.poll() is None:
-            os.kill(self.popen.pid, sig)
-            try:
-                self.popen.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.kill(self.popen.pid, signal.SIGKILL)
-                self.popen.wait(timeout=30)
-
-
-def start_gunicorn(workdir: Path, models_dir: Path, port: int) -> Process:
-    """The real service: gunicorn serving app.main:create_app() on 127.0.0.1:port."""
+def start_gunicorn(workdir: Path, models_dir: Path, port: int) -> Gunicorn:
+    """The real service, one worker on 127.0.0.1:port, its output in workdir/gunicorn.log, answering /readyz."""
     workdir.mkdir(parents=True, exist_ok=True)
-    prometheus_dir = workdir / "prometheus"
-    prometheus_dir.mkdir(exist_ok=True)
-    env = dict(os.environ)
-    env.update(
-        MLAPI_BIND=f"127.0.0.1:{port}",
-        MLAPI_WORKERS="1",
-        MLAPI_DEFAULT_MODEL="iris",
-        MLAPI_MODELS_DIR=str(models_dir),
-        MLAPI_RATE_LIMIT_STORAGE_URI="memory://",
-        PROMETHEUS_MULTIPROC_DIR=str(prometheus_dir),
-    )
-    log = workdir / "gunicorn.log"
-    with log.open("wb") as out:
-        popen = subprocess.Popen(
-            [str(VENV_BIN / "gunicorn"), "-c", "app/gunicorn_conf.py", "app.main:create_app()"],
-            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
-        )
-    process = Process(popen, log)
-
-    def ready() -> bool:
-        if popen.poll() is not None:
-            raise AssertionError(f"gunicorn on port {port} exited:\n{log.read_text()[-3000:]}")
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-            conn.request("GET", "/readyz")
-            return conn.getresponse().status == 200
-        except OSError:
-            return False
-
+    env = {"MLAPI_DEFAULT_MODEL": "iris", "MLAPI_MODELS_DIR": str(models_dir), "MLAPI_RATE_LIMIT_STORAGE_URI": "memory://"}
+    server = Gunicorn(env, port=port, workers=1, log=workdir / "gunicorn.log")
     try:
-        wait_until(ready, f"gunicorn on 127.0.0.1:{port} to answer /readyz with 200", attempts=600)
+        server.wait_ready(timeout=60)
     except BaseException:
-        process.stop()
+        server.stop()
         raise
-    return process
+    return server
 
 
 @dataclass
@@ -149,26 +100,19 @@ class Edge:
         return self.prefix / "log" / "mlapi-access.log"
 
     def start(self) -> None:
-        log = self.prefix / "nginx.stdout"
-        with log.open("wb") as out:
-            popen = subprocess.Popen(
-                ["nginx", "-p", str(self.prefix), "-c", str(self.prefix / "nginx.conf"), "-g", "daemon off;"],
-                stdout=out, stderr=subprocess.STDOUT,
-            )
-        self.process = Process(popen, log)
-
-        def listening() -> bool:
-            if popen.poll() is not None:
-                error_log = self.prefix / "log" / "error.log"
-                raise AssertionError(f"nginx exited:\n{log.read_text()}\n{error_log.read_text()}")
-            return _port_open(self.http_port)
-
-        wait_until(listening, f"nginx to listen on 127.0.0.1:{self.http_port}")
+        process = Process(["nginx", "-p", str(self.prefix), "-c", str(self.prefix / "nginx.conf"), "-g", "daemon off;"],
+                          log=self.prefix / "nginx.stdout")
+        self.process = process
+        if not _listening(process, self.http_port):
+            error_log = self.prefix / "log" / "error.log"
+            process.stop()
+            raise AssertionError(f"nginx did not listen on 127.0.0.1:{self.http_port}:\n{process.output()}\n"
+                                 f"{error_log.read_text() if error_log.exists() else ''}")
 
     def stop(self) -> None:
         if self.process is not None:
             # QUIT: graceful shutdown, the workers finish their requests.
-            self.process.stop(signal.SIGQUIT)
+            self.process.stop(sig=signal.SIGQUIT)
 
     def log_lines(self) -> list[str]:
         """Complete access log lines (a line being written has no newline yet)."""
@@ -190,7 +134,7 @@ class Edge:
 
     def predict(self, source: str = "127.0.0.1", headers: dict | None = None) -> Response:
         merged = {"Content-Type": "application/json", **(headers or {})}
-        return self.https("POST", "/v1/predict", PREDICT_BODY, merged, source=source)
+        return self.https("POST", "/v1/predict", IRIS_BODY, merged, source=source)
 
 
 @dataclass
