@@ -1,7 +1,8 @@
 """The sandbox hosts seen from tests: bring them up, run commands on them over SSH, take them down.
 
 A thin wrapper over scripts/sandbox/sandbox, which does the work and writes .sandbox/env and
-.sandbox/inventory/hosts.yml; this module reads those files so that tests see exactly what a user sees.
+.sandbox/inventory/hosts.yml; this module reads those files so that tests see exactly what a user sees. The
+names (state folder, prefix, hosts) come from the script's own module, scripts.sandbox.lab.
 """
 
 from __future__ import annotations
@@ -12,22 +13,14 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from scripts.sandbox.lab import STATE_DIR, ssh_options
+
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "sandbox" / "sandbox"
-STATE_DIR = Path(os.environ.get("MLAPI_SANDBOX_STATE", ROOT / ".sandbox")).absolute()
 ENV_FILE = STATE_DIR / "env"
-# Prefix of the machine-wide names (namespaces, hosts), as scripts/sandbox/sandbox reads it.
-PREFIX = os.environ.get("MLAPI_SANDBOX_NAME", "mlapi")
 UP_TIMEOUT = 1800  # a cold start builds the root filesystem first
-SSH_OPTIONS = [
-    "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR",
-    "-o", "BatchMode=yes", "-o", "ConnectTimeout=10",
-]
-
-
-def host_name(index: int) -> str:
-    """The name of the sandbox's index-th host (1: the lb host)."""
-    return f"{PREFIX}-sb{index}"
+# Longer than the script's own: tests connect while the machine is busy with a whole suite.
+SSH_OPTIONS = ssh_options(connect_timeout=10)
 
 
 class SandboxCommandError(RuntimeError):

@@ -15,7 +15,8 @@ import pytest
 from test_deploy_tls_renewal import serial_after_renewal, served_serial
 
 from scripts.harness.deploy import PlaybookRun, forced_renewal_command, require_provisioned, run_playbook
-from scripts.harness.sandbox import STATE_DIR, Sandbox
+from scripts.harness.sandbox import Sandbox
+from scripts.sandbox.lab import STATE_DIR
 
 pytestmark = pytest.mark.e2e
 

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from scripts.harness.sandbox import ROOT, Sandbox, host_name
+from scripts.harness.sandbox import ROOT, Sandbox
+from scripts.sandbox.lab import host_name
 
 pytestmark = pytest.mark.e2e
 

@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from scripts.harness.sandbox import PREFIX, STATE_DIR, Sandbox, host_name
+from scripts.harness.sandbox import Sandbox
+from scripts.sandbox.lab import LAB_NS, PREFIX, STATE_DIR, host_name
 
 pytestmark = pytest.mark.e2e
 
-OUR_NAMESPACES = (f"{PREFIX}-lab", f"{PREFIX}-sb")
+OUR_NAMESPACES = (LAB_NS, f"{PREFIX}-sb")
 PROBE_PORT = 8080
 
 

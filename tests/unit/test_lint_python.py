@@ -1,5 +1,5 @@
 """The Python of the kit passes ruff with the rule selection in pyproject.toml (the service, the tests, the
-benchmarks and the sandbox script), and the service's own code, app/, passes mypy with the settings there."""
+benchmarks, the harness and the sandbox), and the service's own code, app/, passes mypy with the settings there."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-PATHS = ["app", "tests", "bench", "scripts/harness", "scripts/sandbox/sandbox"]
+PATHS = ["app", "tests", "bench", "scripts/harness", "scripts/sandbox", "scripts/sandbox/sandbox"]
 
 
 def test_ruff_finds_nothing():

@@ -1,33 +1,17 @@
 """The sandbox trusts an Ubuntu archive keyring only when it holds the pinned keys and no other.
 
-Real GnuPG makes a key of its own; the check in scripts/sandbox/sandbox must refuse a keyring holding it,
+Real GnuPG makes a key of its own; the check in scripts/sandbox/lab.py must refuse a keyring holding it,
 and name its fingerprint.
 """
 
 from __future__ import annotations
 
-import importlib.machinery
-import importlib.util
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def sandbox_script():
-    loader = importlib.machinery.SourceFileLoader("sandbox_script", str(ROOT / "scripts/sandbox/sandbox"))
-    spec = importlib.util.spec_from_loader("sandbox_script", loader)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["sandbox_script"] = module  # its dataclasses look their module up there
-    try:
-        loader.exec_module(module)
-        yield module
-    finally:
-        del sys.modules["sandbox_script"]
+from scripts.sandbox import lab
 
 
 def _new_key(tmp_path: Path, name: str) -> tuple[Path, str]:
@@ -46,17 +30,17 @@ def _new_key(tmp_path: Path, name: str) -> tuple[Path, str]:
     return keyring, fingerprint
 
 
-def test_the_fingerprints_of_a_keyring_are_read_from_its_primary_keys(sandbox_script, tmp_path: Path):
+def test_the_fingerprints_of_a_keyring_are_read_from_its_primary_keys(tmp_path: Path):
     first, first_fpr = _new_key(tmp_path, "first")
     second, second_fpr = _new_key(tmp_path, "second")
     both = tmp_path / "both.gpg"
     both.write_bytes(first.read_bytes() + second.read_bytes())
-    assert sandbox_script.keyring_fingerprints(both) == [first_fpr, second_fpr]
+    assert lab.keyring_fingerprints(both) == [first_fpr, second_fpr]
 
 
-def test_a_keyring_with_a_key_that_is_not_pinned_is_refused_by_fingerprint(sandbox_script, tmp_path: Path):
+def test_a_keyring_with_a_key_that_is_not_pinned_is_refused_by_fingerprint(tmp_path: Path):
     keyring, fingerprint = _new_key(tmp_path, "intruder")
-    with pytest.raises(sandbox_script.SandboxError) as refused:
-        sandbox_script.check_ubuntu_keyring(keyring)
+    with pytest.raises(lab.SandboxError) as refused:
+        lab.check_ubuntu_keyring(keyring)
     message = str(refused.value)
-    assert fingerprint in message and sandbox_script.UBUNTU_REQUIRED_KEY in message
+    assert fingerprint in message and lab.UBUNTU_REQUIRED_KEY in message
