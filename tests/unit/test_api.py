@@ -9,7 +9,7 @@ import re
 import pytest
 
 from scripts.harness.samples import IRIS_ROW
-from tests.unit.conftest import TestClient
+from tests.app_client import TestClient
 
 PREDICT = "/v1/predict"
 

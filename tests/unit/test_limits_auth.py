@@ -9,7 +9,7 @@ import pytest
 
 from scripts.harness.metrics import metric
 from scripts.harness.samples import IRIS_ROW
-from tests.unit.conftest import TestClient
+from tests.app_client import TestClient
 
 KEY = "s3cret-key-for-tests"
 KEY_HASH = hashlib.sha256(KEY.encode()).hexdigest()

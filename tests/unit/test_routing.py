@@ -16,6 +16,7 @@ from app.settings import Settings
 from scripts.harness.metrics import metric
 from scripts.harness.samples import IRIS_ROW
 from scripts.harness.servers import mlapi
+from tests.app_client import TestClient
 from tests.model_packages import (
     ODD_FEATURES,
     broken_tags_package,
@@ -268,7 +269,6 @@ def test_the_service_with_an_unlistable_models_folder_starts_and_says_why_it_is_
 def test_the_app_built_after_a_reload_serves_a_version_whose_feature_names_differ(models_copy, make_client):
     """The app gunicorn's master builds after SIGHUP (app/gunicorn_conf.py) takes the new names; the old ones
     are refused with a 422 that names what the serving version takes, never scored."""
-    from fastapi.testclient import TestClient
 
     from app.main import create_app
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from scripts.harness.samples import IRIS_ROW
+from tests.app_client import app_client
 from tests.model_packages import ODD_FEATURES, odd_names_package
-from tests.unit.conftest import _client
 
 # The iris row under the odd names: features keep the iris order, so the label is the same.
 ODD_ROW = dict(zip(ODD_FEATURES, IRIS_ROW.values(), strict=True))
@@ -24,7 +24,7 @@ def odd_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def odd_client(odd_models: Path):
-    with _client(odd_models, default_model="odd") as c:
+    with app_client(odd_models, default_model="odd") as c:
         yield c
 
 

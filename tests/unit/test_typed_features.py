@@ -22,9 +22,9 @@ from app.cli.train_demo import churn_data
 from app.packages.build import build_package
 from app.packages.gate import load_package
 from app.packages.manifest import ONNX_TOLERANCE
+from tests.app_client import TestClient, app_client
 from tests.mlserver_codec import pandas_codec_request
 from tests.model_packages import read_manifest, resign, write_manifest
-from tests.unit.conftest import _client
 
 FEATURES = ["plan", "region", "seats", "monthly_usage", "annual"]
 KNOWN_PLANS = ["basic", "pro", "team"]
@@ -48,7 +48,7 @@ def frame() -> pd.DataFrame:
 
 @pytest.fixture(scope="module")
 def churn_client(demo_models: Path):
-    with _client(demo_models, default_model="churn") as c:
+    with app_client(demo_models, default_model="churn") as c:
         yield c
 
 
@@ -371,7 +371,7 @@ def test_a_manifest_without_types_or_input_still_loads_and_serves_numbers(models
     resign(package)
     model = load_package(package)
     assert [f.type for f in model.manifest.features] == ["float"] * 4 and not model.inputs.frame
-    with _client(models_copy) as c:
+    with app_client(models_copy) as c:
         r = c.post("/v1/predict", json={"features": [5.1, 3.5, 1.4, 0.2]})
     assert r.status_code == 200 and r.json()["prediction"] == "setosa"
 
@@ -379,7 +379,6 @@ def test_a_manifest_without_types_or_input_still_loads_and_serves_numbers(models
 def test_the_app_built_after_a_reload_takes_the_features_of_the_version_that_loaded(models_copy: Path):
     """What gunicorn's master does on SIGHUP (app/gunicorn_conf.py): load, then build the app from the registry.
     A version with its features in another order serves a named row by name and a list in its own order."""
-    from fastapi.testclient import TestClient
     from sklearn.datasets import load_iris
     from sklearn.linear_model import LogisticRegression
 
