@@ -1,27 +1,32 @@
-"""One JSON error shape for every error the service returns.
+"""The service's JSON errors, in the shape the route's router chose.
 
-``{"error": {"code": ..., "message": ..., "request_id": ..., "details": [...]}}``
-on /v1 and everywhere else; the Open Inference Protocol (/v2) and KServe's V1
-protocol (``/v1/models/{name}:predict``) want ``{"error": "..."}`` instead, so
-their routes get that.
+``{"error": {"code": ..., "message": ..., "request_id": ..., "details": [...]}}`` (ErrorShape.SERVICE) on
+/v1 and everywhere else; the Open Inference Protocol (/v2) and KServe's V1 protocol
+(``/v1/models/{name}:predict``) want ``{"error": "..."}`` (ErrorShape.PROTOCOL), so their routers mark their
+routes with it (``shape_errors``). No URL is named here: an error takes the shape of the route that serves, or
+would serve, the request (``ErrorShapes``).
 """
 
 from __future__ import annotations
 
 import difflib
+import enum
+from collections.abc import Iterable
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from slowapi.errors import RateLimitExceeded
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import BaseRoute, Match
+from starlette.types import Scope
 
 from app.logs import get_logger, request_id_var
 from app.responses import FastJSONResponse
 
 log = get_logger("errors")
 
-_STATUS_CODES = {
+STATUS_CODES = {
     400: "bad_request",
     401: "unauthorized",
     403: "forbidden",
@@ -51,26 +56,84 @@ class APIError(Exception):
     ) -> None:
         super().__init__(message)
         self.status = status
-        self.code = code or _STATUS_CODES.get(status, "error")
+        self.code = code or STATUS_CODES.get(status, "error")
         self.message = message
         self.details = details or []
         self.headers = headers or {}
 
 
-def protocol_error_shape(path: str) -> bool:
-    """Whether ``path`` belongs to a protocol whose errors are ``{"error": "..."}``."""
-    return path.startswith("/v2") or path.endswith(":predict")
+class ErrorShape(enum.Enum):
+    """How a route writes its errors."""
+
+    SERVICE = "service"  # {"error": {"code", "message", "request_id", "details"}}
+    PROTOCOL = "protocol"  # {"error": "message (field: problem; ...)"}, as the inference protocols define it
 
 
-def error_body(path: str, code: str, message: str, details: list[dict[str, Any]]) -> dict[str, Any]:
-    if protocol_error_shape(path):
+def shape_errors(routes: Iterable[BaseRoute], shape: ErrorShape) -> None:
+    """Mark routes (a router's, or single ones) with the shape of their errors; unmarked routes use SERVICE."""
+    for route in routes:
+        route.error_shape = shape  # type: ignore[attr-defined]
+
+
+def route_shape(route: BaseRoute) -> ErrorShape:
+    shape: ErrorShape = getattr(route, "error_shape", ErrorShape.SERVICE)
+    return shape
+
+
+class ErrorShapes:
+    """The error shape of a request to one app that no route has taken (yet).
+
+    One refused before routing (a body too large by its Content-Length, a worker at its concurrency limit)
+    takes the shape of the route it would have reached; a path no route takes (a 404) the shape every route
+    under its first path segment shares (/v2/... is all Open Inference Protocol), else SERVICE. create_app
+    builds one from the routes of the routers it includes.
+    """
+
+    def __init__(self, routes: Iterable[BaseRoute]) -> None:
+        self._routes = list(routes)
+        by_segment: dict[str, set[ErrorShape]] = {}
+        for route in self._routes:
+            path = getattr(route, "path", "")
+            by_segment.setdefault(_first_segment(path), set()).add(route_shape(route))
+        self._segments = {segment: shapes.pop() for segment, shapes in by_segment.items() if len(shapes) == 1}
+
+    def unrouted(self, scope: Scope) -> ErrorShape:
+        if scope.get("type") == "http":
+            # As Starlette routes: the first full match, else the first route whose path matches (a 405).
+            partial = None
+            for candidate in self._routes:
+                match, _ = candidate.matches(scope)
+                if match is Match.FULL:
+                    return route_shape(candidate)
+                if match is Match.PARTIAL and partial is None:
+                    partial = candidate
+            if partial is not None:
+                return route_shape(partial)
+        return self._segments.get(_first_segment(scope.get("path", "")), ErrorShape.SERVICE)
+
+
+def _first_segment(path: str) -> str:
+    return path.lstrip("/").partition("/")[0]
+
+
+def error_shape(scope: Scope) -> ErrorShape:
+    """The shape of this request's errors: its route's once routed; SERVICE outside an app of create_app."""
+    route = scope.get("route")
+    if route is not None:
+        return route_shape(route)
+    shapes = getattr(getattr(scope.get("app"), "state", None), "error_shapes", None)
+    return shapes.unrouted(scope) if shapes is not None else ErrorShape.SERVICE
+
+
+def error_body(shape: ErrorShape, code: str, message: str, details: list[dict[str, Any]]) -> dict[str, Any]:
+    if shape is ErrorShape.PROTOCOL:
         detail = "; ".join(f"{'.'.join(map(str, d.get('loc', [])))}: {d.get('msg')}" for d in details)
         return {"error": f"{message} ({detail})" if detail else message}
     return {"error": {"code": code, "message": message, "request_id": request_id_var.get(), "details": details}}
 
 
 def error_response(
-    path: str,
+    request: Request,
     status: int,
     message: str,
     *,
@@ -78,7 +141,7 @@ def error_response(
     details: list[dict[str, Any]] | None = None,
     headers: dict[str, str] | None = None,
 ) -> FastJSONResponse:
-    body = error_body(path, code or _STATUS_CODES.get(status, "error"), message, details or [])
+    body = error_body(error_shape(request.scope), code or STATUS_CODES.get(status, "error"), message, details or [])
     return FastJSONResponse(body, status_code=status, headers=headers)
 
 
@@ -117,7 +180,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> FastJSONResponse:
         return error_response(
-            request.url.path, exc.status, exc.message, code=exc.code, details=exc.details, headers=exc.headers
+            request, exc.status, exc.message, code=exc.code, details=exc.details, headers=exc.headers
         )
 
     @app.exception_handler(RequestValidationError)
@@ -125,7 +188,7 @@ def install_error_handlers(app: FastAPI) -> None:
         errors = list(exc.errors())
         if any(e.get("type") == "json_invalid" for e in errors):
             return error_response(
-                request.url.path,
+                request,
                 400,
                 "the request body is not valid JSON",
                 code="malformed_json",
@@ -135,13 +198,13 @@ def install_error_handlers(app: FastAPI) -> None:
         if too_long:
             limit = (too_long[0].get("ctx") or {}).get("max_length")
             return error_response(
-                request.url.path,
+                request,
                 413,
                 f"too many instances in one request: the limit is {limit}; split the batch",
                 details=validation_details(too_long),
             )
         return error_response(
-            request.url.path,
+            request,
             422,
             "the request body does not match the schema; see details for each field",
             details=validation_details(errors),
@@ -149,12 +212,12 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> FastJSONResponse:
-        message = exc.detail if isinstance(exc.detail, str) else _STATUS_CODES.get(exc.status_code, "error")
+        message = exc.detail if isinstance(exc.detail, str) else STATUS_CODES.get(exc.status_code, "error")
         if exc.status_code == 404 and message == "Not Found":
             message = f"no route {request.method} {request.url.path}"
             if request.app.state.settings.docs == "on":
                 message += "; see /docs for the API"
-        return error_response(request.url.path, exc.status_code, message, headers=getattr(exc, "headers", None))
+        return error_response(request, exc.status_code, message, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(RateLimitExceeded)
     async def _rate_limited(request: Request, exc: RateLimitExceeded) -> FastJSONResponse:
@@ -164,7 +227,7 @@ def install_error_handlers(app: FastAPI) -> None:
         RATE_LIMITED.labels(route).inc()
         retry_after = _retry_after(request)
         return error_response(
-            request.url.path,
+            request,
             429,
             f"rate limit exceeded: {exc.detail}; retry after {retry_after} s",
             headers={"Retry-After": str(retry_after)},

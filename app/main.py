@@ -28,7 +28,7 @@ from app import __version__
 from app.api import docs, health, models, predict, v2
 from app.api.schemas import request_models
 from app.api.security import rate_limit_key
-from app.errors import install_error_handlers
+from app.errors import ErrorShapes, install_error_handlers
 from app.logs import configure_logging, get_logger
 from app.packages.gate import discover
 from app.packages.manifest import Manifest, PackageError
@@ -145,12 +145,17 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
         default = settings.default_model or next(iter(sorted(manifests)), None)
     prediction_log = PredictionLog(settings, features={f for m in manifests.values() for f in m.feature_names})
     app.state.prediction_log = prediction_log
-    app.include_router(health.router)
-    app.include_router(predict.build_router(manifests, default, settings, limiter))
-    app.include_router(models.build_router(settings, limiter))
-    app.include_router(v2.build_router(settings, limiter))
-    if settings.docs == "on":
-        app.include_router(docs.router)
+    routers = [
+        health.router,
+        predict.build_router(manifests, default, settings, limiter),
+        models.build_router(settings, limiter),
+        v2.build_router(settings, limiter),
+        *([docs.router] if settings.docs == "on" else []),
+    ]
+    for router in routers:
+        app.include_router(router)
+    # Each router marked its routes with the shape of their errors (app/errors.py).
+    app.state.error_shapes = ErrorShapes(route for router in routers for route in router.routes)
     install_error_handlers(app)
 
     if settings.cors_origins:

@@ -43,7 +43,7 @@ async def healthz() -> dict[str, Any]:
 def readyz(request: Request, registry: RegistryDep) -> Response:
     ready, reasons = readiness(request)
     if not ready:
-        return error_response(request.url.path, 503, "not ready: " + "; ".join(reasons))
+        return error_response(request, 503, "not ready: " + "; ".join(reasons))
     return FastJSONResponse(
         {
             "status": "ready",
@@ -59,7 +59,7 @@ def readyz(request: Request, registry: RegistryDep) -> Response:
 def store_health(request: Request) -> Response:
     if not store_answers(request):
         return error_response(
-            request.url.path, 503,
+            request, 503,
             "the rate-limit store does not answer: requests are served without rate limits until it does",
         )
     return FastJSONResponse({"status": "ok", "shared": request.app.state.rate_store.shared})

@@ -48,7 +48,7 @@ from app.api.schemas import (
     request_models,
 )
 from app.api.security import shared_limit
-from app.errors import APIError
+from app.errors import APIError, ErrorShape, shape_errors
 from app.packages.gate import LoadedModel
 from app.packages.manifest import Manifest
 from app.packages.validation import ValidationFailure
@@ -247,6 +247,7 @@ def build_router(
         include_in_schema=False,
         route_class_override=APIRoute,
     )
+    shape_errors(router.routes[-1:], ErrorShape.PROTOCOL)
     return router
 
 
@@ -319,6 +320,8 @@ def _add_route(
     )
     route = router.routes[-1]
     assert isinstance(route, PredictRoute)
+    if kserve:
+        shape_errors([route], ErrorShape.PROTOCOL)
     # The shortcut supplies exactly the endpoint's parameters and the router's one dependency (api_key).
     route.shortcut = Shortcut(name, body_type, batch, versioned, limited=settings.rate_limit_enabled)
 

@@ -35,7 +35,7 @@ from app.api.deps import ApiKey, RegistryDep, path_version_signature
 from app.api.health import readiness
 from app.api.schemas import ProtocolError
 from app.api.security import shared_limit
-from app.errors import APIError
+from app.errors import APIError, ErrorShape, shape_errors
 from app.packages.gate import LoadedModel
 from app.packages.validation import Batch, ValidationFailure
 from app.responses import FastJSONResponse
@@ -610,4 +610,5 @@ def build_router(settings: Settings, limiter: Limiter) -> APIRouter:
                 operation_id=operation_id,
                 **({"responses": V2_ERRORS} | extra),
             )
+    shape_errors(router.routes, ErrorShape.PROTOCOL)
     return router

@@ -23,7 +23,7 @@ import orjson
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.errors import error_body
+from app.errors import STATUS_CODES, error_body, error_shape
 from app.logs import ACCESS_LOGGER, get_logger, request_id_var
 from app.metrics import LATENCY, REQUESTS, labelled
 
@@ -132,7 +132,7 @@ class RequestContextMiddleware:
 
         declared = _header(scope, b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-            await self._send_error(send, path, 413, self._too_large_message(), id_headers)
+            await self._send_error(scope, send, 413, self._too_large_message(), id_headers)
             status_holder["status"] = 413
             self._finish(scope, state, 413, start)
             request_id_var.reset(token)
@@ -164,14 +164,14 @@ class RequestContextMiddleware:
             await self.app(scope, limited_receive, send_wrapper)
         except BodyTooLarge:
             if not status_holder["started"]:
-                await self._send_error(send, path, 413, self._too_large_message(), id_headers)
+                await self._send_error(scope, send, 413, self._too_large_message(), id_headers)
             status_holder["status"] = 413
         except Exception:
             # Never a stack trace to the client: it goes to the log with the request id.
             log.exception("unhandled error", extra={"path": path, "method": scope.get("method")})
             if not status_holder["started"]:
                 await self._send_error(
-                    send, path, 500, f"internal error; quote request id {request_id} when reporting it", id_headers
+                    scope, send, 500, f"internal error; quote request id {request_id} when reporting it", id_headers
                 )
             status_holder["status"] = 500
         finally:
@@ -182,11 +182,9 @@ class RequestContextMiddleware:
         return f"request body larger than {self.max_body_bytes} bytes; send fewer instances per request"
 
     async def _send_error(
-        self, send: Send, path: str, status: int, message: str, id_headers: list[tuple[bytes, bytes]]
+        self, scope: Scope, send: Send, status: int, message: str, id_headers: list[tuple[bytes, bytes]]
     ) -> None:
-        from app.errors import _STATUS_CODES
-
-        body = orjson.dumps(error_body(path, _STATUS_CODES[status], message, []))
+        body = orjson.dumps(error_body(error_shape(scope), STATUS_CODES[status], message, []))
         await send(
             {
                 "type": "http.response.start",

@@ -23,7 +23,7 @@ import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn_worker import UvicornWorker
 
-from app.errors import error_body
+from app.errors import error_body, error_shape
 from app.metrics import OVERLOADED
 from app.settings import get_settings
 
@@ -31,9 +31,12 @@ OVERLOADED_MESSAGE = "the service is at its concurrency limit; retry after the n
 
 
 async def overloaded(scope: dict[str, Any], receive: Any, send: Any) -> None:
-    """The answer of a worker at its limit: cheap, and closing the connection sheds its load."""
+    """The answer of a worker at its limit: cheap, and closing the connection sheds its load.
+
+    It runs in the service's place, before the service sees the request: the protocol puts the service's app
+    in the scope, as Starlette would, so that the answer takes the shape of the route it would have reached."""
     OVERLOADED.inc()
-    body = orjson.dumps(error_body(scope.get("path", ""), "overloaded", OVERLOADED_MESSAGE, []))
+    body = orjson.dumps(error_body(error_shape(scope), "overloaded", OVERLOADED_MESSAGE, []))
     await send({
         "type": "http.response.start",
         "status": 503,
@@ -53,6 +56,7 @@ class GracefulHttpToolsProtocol(HttpToolsProtocol):
     retire_grace: float = 1.0  # set by GracefulWorker from the settings
     concurrency_limit: int | None = None
     master_pid: int = 0
+    service: Any = None  # the app the worker loaded (GracefulWorker.run): its routes shape the overload answer
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -99,6 +103,7 @@ class GracefulHttpToolsProtocol(HttpToolsProtocol):
         limit = self.concurrency_limit
         # This connection is one of self.connections; its request is not yet one of self.tasks.
         if limit is not None and (len(self.connections) > limit or len(self.tasks) >= limit):
+            self.scope["app"] = self.service  # type: ignore[typeddict-unknown-key]
             service, self.app = self.app, overloaded
             try:
                 super().on_headers_complete()
@@ -129,4 +134,5 @@ class GracefulWorker(UvicornWorker):
         # worker may have just been given (a /metrics render's lock file, a prediction log), while the worker
         # retires with requests still running.
         self.sockets = [getattr(sock, "sock", sock) for sock in self.sockets]  # type: ignore[has-type]
+        GracefulHttpToolsProtocol.service = self.wsgi
         super().run()

@@ -17,6 +17,7 @@ import time
 import httpx
 import pytest
 
+from app.server.workers import OVERLOADED_MESSAGE
 from scripts.harness.samples import IRIS_ROW
 from scripts.harness.servers import ROOT, gunicorn, wait_for
 
@@ -93,6 +94,9 @@ def test_a_worker_at_its_concurrency_limit_answers_503_in_the_error_shape(demo_m
                 conn.request("GET", "/healthz")
                 assert conn.getresponse().read() and conn.sock is not None
             refused = httpx.get(server.url + "/healthz", timeout=10)
+            # The answer is written before the app sees the request, yet in the shape of the route it would reach.
+            refused_v2 = httpx.post(server.url + "/v2/models/iris/infer", json={"inputs": []}, timeout=10)
+            refused_kserve = httpx.post(server.url + "/v1/models/iris:predict", json={"instances": []}, timeout=10)
         finally:
             for conn in held:
                 conn.close()
@@ -101,6 +105,9 @@ def test_a_worker_at_its_concurrency_limit_answers_503_in_the_error_shape(demo_m
     assert refused.status_code == 503
     assert refused.headers["retry-after"] == "1"
     assert refused.json()["error"]["code"] == "overloaded"
+    for protocol in (refused_v2, refused_kserve):
+        assert protocol.status_code == 503 and protocol.headers["retry-after"] == "1"
+        assert protocol.json() == {"error": OVERLOADED_MESSAGE}
 
 
 @pytest.mark.parametrize("retirement", ["max_requests", "sighup"])
