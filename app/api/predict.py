@@ -13,7 +13,9 @@ These routes are the service's hot path. FastAPI's generic request handling
 costs several times a small model's inference, so a well-formed request takes a
 shortcut (``PredictRoute``): the body is validated straight from JSON bytes and
 the same endpoint is called with the same arguments. Anything else, every error
-included, goes through FastAPI unchanged, so errors keep one code path.
+included, goes through FastAPI unchanged, so errors keep one code path. Each route
+is checked as it is built (``_check_shortcut``): a dependency or parameter the
+shortcut would not solve as FastAPI does stops the app from being built.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the per-model body
@@ -37,6 +39,7 @@ from app.api.deps import (
     UserId,
     VersionOverride,
     api_key,
+    get_registry,
     path_version_signature,
 )
 from app.api.schemas import (
@@ -96,6 +99,15 @@ def _run(
     if served.shadow is not None:
         background.add_task(shadow_score, served, scored, request.state.request_id)
     return scored
+
+
+# What the shortcut (_arguments) solves without FastAPI, and how: every parameter of a prediction endpoint, the
+# headers two of them come from, the dependency one of them is, and the router's one dependency. Each route is
+# held to exactly this when it is built (_check_shortcut), so that nothing FastAPI would solve is skipped.
+SHORTCUT_PARAMETERS = frozenset({"request", "body", "background", "registry", "user_id", "model_version"})
+SHORTCUT_HEADERS = {"user_id": "x-user-id", "model_version": "x-model-version"}
+SHORTCUT_DEPENDENCIES: dict[str, Any] = {"registry": get_registry}
+ROUTER_DEPENDENCIES = (api_key,)
 
 
 @dataclass(frozen=True)
@@ -165,8 +177,8 @@ async def _arguments(scope: Scope, shortcut: Shortcut, body: bytes) -> tuple[dic
         served = registry.get(shortcut.name)
     except (APIError, ValidationError, UnknownModel):
         return None
-    user_id = _header(scope, b"x-user-id")
-    model_version = _header(scope, b"x-model-version")
+    user_id = _header(scope, SHORTCUT_HEADERS["user_id"].encode())
+    model_version = _header(scope, SHORTCUT_HEADERS["model_version"].encode())
     if (user_id is not None and len(user_id) > USER_ID_MAX_LENGTH) or (
         model_version is not None and len(model_version) > MODEL_VERSION_MAX_LENGTH
     ):
@@ -322,8 +334,39 @@ def _add_route(
     assert isinstance(route, PredictRoute)
     if kserve:
         shape_errors([route], ErrorShape.PROTOCOL)
-    # The shortcut supplies exactly the endpoint's parameters and the router's one dependency (api_key).
-    route.shortcut = Shortcut(name, body_type, batch, versioned, limited=settings.rate_limit_enabled)
+    shortcut = Shortcut(name, body_type, batch, versioned, limited=settings.rate_limit_enabled)
+    _check_shortcut(route, shortcut)
+    route.shortcut = shortcut
+
+
+def _check_shortcut(route: APIRoute, shortcut: Shortcut) -> None:
+    """Refuse to build a prediction route whose dependencies the shortcut would skip or solve otherwise than
+    FastAPI does: a dependency added to the router, a parameter added to the endpoint, a header renamed."""
+    dependant = route.dependant
+    problems = []
+    expected = SHORTCUT_PARAMETERS | ({"version"} if shortcut.versioned else set())
+    fields = [*dependant.path_params, *dependant.query_params, *dependant.header_params, *dependant.cookie_params,
+              *dependant.body_params]
+    named = {field.name for field in fields} | {sub.name for sub in dependant.dependencies if sub.name}
+    named |= {name for name in (dependant.request_param_name, dependant.background_tasks_param_name,
+                                dependant.response_param_name, dependant.http_connection_param_name,
+                                dependant.security_scopes_param_name) if name}
+    if named != expected:
+        problems.append(f"the endpoint takes {sorted(named)}, the shortcut supplies {sorted(expected)}")
+    headers = {field.name: field.alias.lower() for field in dependant.header_params}
+    if headers != SHORTCUT_HEADERS:
+        problems.append(f"the endpoint reads the headers {headers}, the shortcut {SHORTCUT_HEADERS}")
+    solved = {sub.name: sub.call for sub in dependant.dependencies if sub.name}
+    if solved != SHORTCUT_DEPENDENCIES:
+        problems.append(f"the endpoint's dependencies are {solved}, the shortcut solves {SHORTCUT_DEPENDENCIES}")
+    unnamed = tuple(sub.call for sub in dependant.dependencies if not sub.name)
+    if unnamed != ROUTER_DEPENDENCIES:
+        problems.append(f"the router's dependencies are {unnamed}, the shortcut checks {ROUTER_DEPENDENCIES}")
+    if problems:
+        raise RuntimeError(
+            f"route POST {route.path}: the prediction shortcut no longer matches it: " + "; ".join(problems)
+            + ". Make _arguments in app/api/predict.py solve the same (and the constants above it say so)."
+        )
 
 
 def _bind(endpoint: Any, body_type: type, versioned: bool, operation_id: str) -> None:

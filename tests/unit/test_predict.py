@@ -115,3 +115,50 @@ def test_batches_are_never_scored_on_the_event_loop(make_client, demo_models, mo
         r = c.post(LOGREG + "/batch", json={"instances": [IRIS_ROW] * 3})
         assert r.status_code == 200 and r.json()["predictions"] == ["setosa"] * 3
     assert calls.on_loop[-1] is False
+
+
+def test_every_prediction_route_of_the_app_takes_the_shortcut(client):
+    from app.api.predict import PredictRoute
+
+    routes = [r for r in client.app.router.routes if isinstance(r, PredictRoute)]
+    routes += [r for included in client.app.router.routes
+               for r in getattr(getattr(included, "original_router", None), "routes", [])
+               if isinstance(r, PredictRoute)]
+    assert routes, "no prediction route found in the app"
+    assert all(r.shortcut is not None for r in routes), [r.path for r in routes if r.shortcut is None]
+
+
+@pytest.mark.parametrize("change", ["a router dependency", "a header renamed"])
+def test_a_prediction_route_the_shortcut_would_solve_otherwise_is_refused_when_built(demo_models, change):
+    """The router checks, as it builds each route, that the shortcut supplies exactly what FastAPI would solve."""
+    from fastapi import APIRouter, Depends
+    from slowapi import Limiter
+    from slowapi.util import get_remote_address
+
+    from app.api import predict
+    from app.api.deps import ApiKey
+    from app.api.schemas import request_models
+    from app.main import route_manifests
+    from app.settings import Settings
+
+    async def tenant(request):  # a dependency someone adds to the router
+        return None
+
+    settings = Settings(models_dir=demo_models, default_model="iris")
+    manifest = route_manifests(settings)["iris"]
+    single, _batch = request_models(manifest, settings.max_abs_value, settings.max_batch_size)
+    dependencies = [ApiKey, Depends(tenant)] if change == "a router dependency" else [ApiKey]
+    router = APIRouter(prefix="/v1", dependencies=dependencies, route_class=predict.PredictRoute)
+    limit = Limiter(key_func=get_remote_address, enabled=False).limit("10/second")
+    headers = dict(predict.SHORTCUT_HEADERS)
+    if change == "a header renamed":
+        predict.SHORTCUT_HEADERS["user_id"] = "x-user"
+    try:
+        with pytest.raises(RuntimeError) as refused:
+            predict._add_route(router, "/predict", "iris", single, limit, settings, batch=False, versioned=False)
+    finally:
+        predict.SHORTCUT_HEADERS.clear()
+        predict.SHORTCUT_HEADERS.update(headers)
+    message = str(refused.value)
+    assert "POST /v1/predict" in message and "app/api/predict.py" in message
+    assert ("router's dependencies" in message) if change == "a router dependency" else ("headers" in message)
