@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Annotated, Any
 
@@ -83,3 +84,17 @@ def path_version_signature(func: Any, versioned: bool, **annotations: Any) -> in
             param = param.replace(annotation=str, default=inspect.Parameter.empty)
         params.append(param)
     return inspect.signature(func).replace(parameters=params)
+
+
+def route_endpoint(func: Any, name: str, versioned: bool, **annotations: Any) -> Any:
+    """``func`` as the endpoint of one route: a function of its own named ``name`` (slowapi files limits by
+    function name, so endpoints sharing one would each count every request again), with the signature of
+    ``path_version_signature``. Both the /v1 prediction routes and the /v2 routes are made with it."""
+
+    @functools.wraps(func)
+    def endpoint(*args: Any, **kwargs: Any) -> Any:
+        return func(*args, **kwargs)
+
+    endpoint.__name__ = endpoint.__qualname__ = name
+    endpoint.__signature__ = path_version_signature(func, versioned, **annotations)  # type: ignore[attr-defined]
+    return endpoint

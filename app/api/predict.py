@@ -40,7 +40,7 @@ from app.api.deps import (
     VersionOverride,
     api_key,
     get_registry,
-    path_version_signature,
+    route_endpoint,
 )
 from app.api.schemas import (
     ERROR_RESPONSES,
@@ -317,13 +317,12 @@ def _add_route(
         return FastJSONResponse(respond(scored, request.state.request_id))
 
     operation_id = _operation_id("kserve_v1_predict" if kserve else "predict_batch" if batch else "predict", path)
-    _bind(endpoint, body_type, versioned, operation_id)
     what = "a batch of instances in one call into the model" if batch else "one instance"
     if kserve:
         what = "instances with KServe's V1 protocol"
     router.add_api_route(
         path,
-        limit(endpoint),
+        limit(route_endpoint(endpoint, operation_id, versioned, body=body_type)),
         methods=["POST"],
         response_model=KServePrediction if kserve else BatchPrediction if batch else Prediction,
         responses=PROTOCOL_ERROR_RESPONSES if kserve else None,
@@ -367,16 +366,6 @@ def _check_shortcut(route: APIRoute, shortcut: Shortcut) -> None:
             f"route POST {route.path}: the prediction shortcut no longer matches it: " + "; ".join(problems)
             + ". Make _arguments in app/api/predict.py solve the same (and the constants above it say so)."
         )
-
-
-def _bind(endpoint: Any, body_type: type, versioned: bool, operation_id: str) -> None:
-    """Give the endpoint its model's body type, and a path parameter `version` only where the path has one.
-
-    Each closure also gets its own name: slowapi files limits by function name,
-    and closures sharing one would each count every request again.
-    """
-    endpoint.__name__ = endpoint.__qualname__ = operation_id
-    endpoint.__signature__ = path_version_signature(endpoint, versioned, body=body_type)
 
 
 def _operation_id(kind: str, path: str) -> str:

@@ -16,7 +16,6 @@ the protocol asks.
 """
 
 import collections
-import functools
 import math
 from collections.abc import Callable, Coroutine
 from typing import Any, Literal
@@ -31,7 +30,7 @@ from starlette.responses import Response
 
 from app import __version__
 from app.api import tensors
-from app.api.deps import ApiKey, RegistryDep, path_version_signature
+from app.api.deps import ApiKey, RegistryDep, route_endpoint
 from app.api.health import readiness
 from app.api.schemas import ProtocolError
 from app.api.security import shared_limit
@@ -483,19 +482,6 @@ class InferRoute(APIRoute):
         return route
 
 
-def _route_endpoint(func: Any, name: str, versioned: bool) -> Any:
-    """A distinct function per route (slowapi files limits by function name) whose ``version`` is a required
-    string path parameter where the path has one, and no parameter where it has none."""
-
-    @functools.wraps(func)
-    def endpoint(*args: Any, **kwargs: Any) -> Any:
-        return func(*args, **kwargs)
-
-    endpoint.__name__ = endpoint.__qualname__ = name
-    endpoint.__signature__ = path_version_signature(func, versioned)  # type: ignore[attr-defined]
-    return endpoint
-
-
 def build_router(settings: Settings, limiter: Limiter) -> APIRouter:
     router = APIRouter(prefix="/v2", tags=["open inference protocol v2"])
     predict_limit = shared_limit(limiter, settings, settings.rate_limit_predict, "predict")
@@ -600,10 +586,10 @@ def build_router(settings: Settings, limiter: Limiter) -> APIRouter:
         )
         for kind, endpoint, method, limit, extra in routes:
             operation_id = f"v2_model_{kind}{tag}"
-            route_endpoint = _route_endpoint(endpoint, operation_id, versioned=bool(suffix))
+            routed = route_endpoint(endpoint, operation_id, versioned=bool(suffix))
             router.add_api_route(
                 f"/models/{{name}}{suffix}" + ("" if kind == "metadata" else f"/{kind}"),
-                limit(route_endpoint),
+                limit(routed),
                 methods=[method],
                 dependencies=deps,
                 summary=summaries[kind],
