@@ -31,7 +31,7 @@ def version_info(registry: ModelRegistry, served: ServedModel, model: LoadedMode
         "smoke": m.smoke,
         "weight": served.weights.get(model.version, 0.0),
         "shadow": served.shadow == model.version,
-        "drift": registry.drift(model).status(),
+        "drift": registry.state(model).drift.status(),
     }
 
 

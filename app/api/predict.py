@@ -187,7 +187,7 @@ async def _arguments(scope: Scope, shortcut: Shortcut, body: bytes) -> tuple[dic
                  "user_id": user_id, "model_version": model_version}
     if shortcut.versioned:
         arguments["version"] = scope["path_params"]["version"]
-    return arguments, not shortcut.batch and not shortcut.limited and scores_inline(served)
+    return arguments, not shortcut.batch and not shortcut.limited and scores_inline(registry, served)
 
 
 def _replay(messages: list[Message], receive: Receive) -> Receive:

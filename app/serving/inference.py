@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import statistics
 import time
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -15,7 +14,7 @@ from app.logs import get_logger
 from app.metrics import DRIFT, PREDICTIONS, SHADOW_AGREEMENT, labelled
 from app.packages.gate import LoadedModel
 from app.packages.validation import Batch
-from app.serving.registry import ModelRegistry, ServedModel
+from app.serving.registry import ModelRegistry, ServedModel, VersionState
 
 log = get_logger("inference")
 
@@ -29,31 +28,27 @@ INLINE_MAX_SECONDS = 0.001
 # Single-row calls timed per engine before the decision; the median of them decides.
 COST_SAMPLES = 16
 
-_row_costs: weakref.WeakKeyDictionary[Any, list[float]] = weakref.WeakKeyDictionary()
-_inline: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
-
-
-def scores_inline(served: ServedModel) -> bool:
+def scores_inline(registry: ModelRegistry, served: ServedModel) -> bool:
     """Whether a single row for this model is cheap enough to score on the event loop: true once every
     version it may route to has been measured (in the threadpool) below INLINE_MAX_SECONDS."""
-    return all(_inline.get(model.engine, False) for model in served.versions.values())
+    return all(registry.state(model).inline for model in served.versions.values())
 
 
-def _score_and_measure(model: LoadedModel, X: Any) -> tuple[np.ndarray, np.ndarray | None]:
-    """The first single-row calls of an engine are timed in CPU time of the calling thread, so time spent
+def _score_and_measure(state: VersionState, X: Any) -> tuple[np.ndarray, np.ndarray | None]:
+    """The first single-row calls of a version are timed in CPU time of the calling thread, so time spent
     waiting for the GIL or a core on a busy machine does not count as the model's cost."""
-    engine = model.engine
-    if len(X) != 1 or engine in _inline:
+    model = state.model
+    if len(X) != 1 or state.inline is not None:
         return model.score(X)
     start = time.thread_time()
     result = model.score(X)
-    costs = _row_costs.setdefault(engine, [])
+    costs = state.row_costs
     costs.append(time.thread_time() - start)
-    if len(costs) >= COST_SAMPLES and engine not in _inline:
-        _inline[engine] = statistics.median(costs) <= INLINE_MAX_SECONDS
+    if len(costs) >= COST_SAMPLES and state.inline is None:
+        state.inline = statistics.median(costs) <= INLINE_MAX_SECONDS
         log.info("measured single-row cost", extra={
-            "model": model.name, "version": model.version, "engine": engine.name,
-            "row_cost_ms": round(statistics.median(costs) * 1000, 3), "inline": _inline[engine]})
+            "model": model.name, "version": model.version, "engine": model.engine.name,
+            "row_cost_ms": round(statistics.median(costs) * 1000, 3), "inline": state.inline})
     return result
 
 
@@ -74,20 +69,17 @@ class Scored:
         return [dict(zip(classes, row, strict=True)) for row in self.probabilities.tolist()]
 
 
-_rows_since_refresh: dict[tuple[str, str], int] = {}
-
-
-def observe_drift(registry: ModelRegistry, model: LoadedModel, X: np.ndarray) -> None:
-    monitor = registry.drift(model)
+def observe_drift(state: VersionState, X: np.ndarray) -> None:
+    monitor = state.drift
     monitor.observe(X)
-    key = (model.name, model.version)
-    rows = _rows_since_refresh.get(key, 0) + len(X)
+    rows = state.rows_since_refresh + len(X)
     if rows < DRIFT_REFRESH_ROWS:
-        _rows_since_refresh[key] = rows
+        state.rows_since_refresh = rows
         return
-    _rows_since_refresh[key] = 0  # a lost update between threads only delays the next refresh
+    state.rows_since_refresh = 0  # a lost update between threads only delays the next refresh
     scores = monitor.scores()
     if scores:
+        model = state.model
         for feature, value in scores.items():
             labelled(DRIFT, model.name, model.version, feature).set(value)
 
@@ -112,9 +104,10 @@ def score(
         state.version = model.version
         state.engine = model.engine.name
     batch = decode(model)
-    labels, probabilities = _score_and_measure(model, batch.X)
+    version_state = registry.state(model)
+    labels, probabilities = _score_and_measure(version_state, batch.X)
     count_predictions(model, labels)
-    observe_drift(registry, model, batch.codes)
+    observe_drift(version_state, batch.codes)
     return Scored(model, batch, labels, probabilities)
 
 

@@ -106,6 +106,30 @@ def pick_weighted(weights: dict[str, float], point: float) -> str:
     return chosen
 
 
+class VersionState:
+    """What one process keeps about one loaded version while it serves, in one place.
+
+    The package's identity on disk (a reload keeps the loaded object of a version that did not change), its
+    drift monitor and the rows seen since its gauges were refreshed (app/serving/inference.py), and its measured
+    single-row cost, which decides whether a row is scored on the event loop. The registry makes one when it
+    loads a version and drops it with the version, so nothing outlives the version it describes.
+    """
+
+    def __init__(self, model: LoadedModel, stamp: tuple[int, int, int] | None, settings: Settings) -> None:
+        self.model = model
+        self.stamp = stamp
+        # Made with the version: a package the monitor cannot read is refused when it loads, not when it serves.
+        self.drift = DriftMonitor(
+            model.manifest,
+            window=settings.drift_window,
+            min_samples=settings.drift_min_samples,
+            alert_psi=settings.drift_alert_psi,
+        )
+        self.rows_since_refresh = 0
+        self.row_costs: list[float] = []
+        self.inline: bool | None = None  # None until measured
+
+
 def _version_key(v: str) -> tuple[Any, ...]:
     return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in v.replace("-", ".").split("."))
 
@@ -117,8 +141,8 @@ class ModelRegistry:
         self.settings = settings
         self._models: dict[str, ServedModel] = {}
         self._lock = threading.Lock()
-        self._drift: dict[tuple[str, str], DriftMonitor] = {}
-        self._stamps: dict[tuple[str, str], tuple[int, int, int] | None] = {}
+        self._states: dict[tuple[str, str], VersionState] = {}
+        self._loading: dict[tuple[str, str], VersionState] = {}  # states of the versions loaded by this load
         self.loaded = False
         self.last_error: str | None = None
 
@@ -146,6 +170,7 @@ class ModelRegistry:
             return previous
         new: dict[str, ServedModel] = {}
         errors: list[str] = []
+        self._loading = {}
         names = set(available) | set(self.settings.models) | set(unlisted)
         for name in sorted(names):
             failures: list[dict[str, str]] = []
@@ -163,9 +188,17 @@ class ModelRegistry:
                 f"no model packages in {models_dir.resolve()}; run `make models` or "
                 "mlapi package, or set MLAPI_MODELS_DIR"
             )
+        states = {}
+        for served in new.values():
+            for version, model in served.versions.items():
+                key = (served.name, version)
+                state = self._loading.get(key) or self._states.get(key)
+                # A version kept after a refusal (or an unlistable folder) keeps the state it served with.
+                states[key] = state if state is not None and state.model is model else self._new_state(model, None)
         with self._lock:
             self._models = new
-            self._drift = {k: m for k, m in self._drift.items() if k[0] in new and k[1] in new[k[0]].versions}
+            self._states = states
+            self._loading = {}
             self.loaded = bool(new)
             self.last_error = "; ".join(errors) if errors else None
         for served in new.values():
@@ -189,11 +222,16 @@ class ModelRegistry:
         path = Path(self.settings.models_dir) / name / version
         old = previous.versions.get(version) if previous else None
         stamp = _fingerprint(path)
-        if old is not None and stamp is not None and self._stamps.get((name, version)) == stamp:
-            return old  # unchanged on disk: keep the loaded object (and its shared memory)
+        state = self._states.get((name, version))
+        if old is not None and stamp is not None and state is not None and state.model is old and state.stamp == stamp:
+            self._loading[(name, version)] = state
+            return old  # unchanged on disk: keep the loaded object (and its shared memory), and what it measured
         model = load_package(path, engine=self.settings.engine, onnx_threads=self.settings.onnx_threads)
-        self._stamps[(name, version)] = stamp
+        self._loading[(name, version)] = self._new_state(model, stamp)
         return model
+
+    def _new_state(self, model: LoadedModel, stamp: tuple[int, int, int] | None) -> VersionState:
+        return VersionState(model, stamp, self.settings)
 
     def _try(self, name: str, version: str, previous: ServedModel | None, failures: list[dict[str, str]]
              ) -> LoadedModel | None:
@@ -265,18 +303,13 @@ class ModelRegistry:
             return self.settings.default_model
         return next(iter(sorted(self._models)), None)
 
-    def drift(self, model: LoadedModel) -> DriftMonitor:
-        key = (model.name, model.version)
-        monitor = self._drift.get(key)
-        if monitor is None:
-            monitor = DriftMonitor(
-                model.manifest,
-                window=self.settings.drift_window,
-                min_samples=self.settings.drift_min_samples,
-                alert_psi=self.settings.drift_alert_psi,
-            )
-            self._drift[key] = monitor
-        return monitor
+    def state(self, model: LoadedModel) -> VersionState:
+        """The state of a loaded version. A request that chose a version just before a reload replaced or
+        removed it gets a state of its own, kept by nobody: what it records goes with it."""
+        state = self._states.get((model.name, model.version))
+        if state is not None and state.model is model:
+            return state
+        return self._new_state(model, None)
 
 
 def _fingerprint(path: Path) -> tuple[int, int, int] | None:

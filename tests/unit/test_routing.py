@@ -194,6 +194,45 @@ def test_a_loaded_version_whose_files_go_bad_keeps_serving_from_memory(models_co
     assert registry.get("iris").failures[0]["check"] == "versions"
 
 
+def test_a_version_keeps_its_state_while_it_serves_and_loses_it_with_the_version(models_copy):
+    """Drift window, refresh count and measured cost belong to the loaded version: a reload that keeps the
+    version keeps them, a version rewritten on disk starts afresh, and a removed version's state is gone."""
+    import numpy as np
+
+    registry = ModelRegistry(Settings(models_dir=models_copy, models={"iris": {"versions": {"1": 1}}}))
+    registry.load()
+    model = registry.get("iris").versions["1"]
+    state = registry.state(model)
+    assert registry.state(model) is state and state.model is model
+    state.drift.observe(np.zeros((3, len(model.manifest.features))))
+    state.inline = True
+    registry.load()  # nothing changed on disk
+    assert registry.get("iris").versions["1"] is model and registry.state(model) is state
+    assert state.drift.status()["samples"] == 3
+
+    manifest = models_copy / "iris" / "1" / "manifest.json"
+    manifest.write_text(manifest.read_text())  # the same package written again: loaded again
+    registry.load()
+    reloaded = registry.get("iris").versions["1"]
+    assert reloaded is not model
+    fresh = registry.state(reloaded)
+    assert fresh is not state and fresh.inline is None and fresh.drift.status()["samples"] == 0
+    # A request that chose the replaced object before the reload records into a state nobody keeps.
+    assert registry.state(model) is not state and registry.state(model) is not fresh
+
+
+def test_listing_the_models_records_nothing_about_their_versions(client):
+    registry = client.app.state.registry
+    states = {(name, version): registry.state(model)
+              for name, served in registry.models.items() for version, model in served.versions.items()}
+    before = {key: state.drift.status()["samples"] for key, state in states.items()}
+    assert client.get("/v1/models").status_code == 200
+    after = {(name, version): registry.state(model)
+             for name, served in registry.models.items() for version, model in served.versions.items()}
+    assert all(after[key] is states[key] for key in states)
+    assert {key: state.drift.status()["samples"] for key, state in states.items()} == before
+
+
 def test_load_failures_are_counted_in_metrics(models_copy, make_client):
     labels = {"check": "sha256", "model": "iris", "version": "1"}
     with make_client(models_copy) as c:
