@@ -14,11 +14,6 @@ from typing import Any, Protocol
 
 import numpy as np
 
-# Estimators fitted on a DataFrame warn on every call with a plain array. The
-# service has already put the columns in the fitted order (the package gate
-# checks the names), so the warning carries no information here.
-warnings.filterwarnings("ignore", message="X does not have valid feature names", category=UserWarning)
-
 _ONNX_INPUT_DTYPES: dict[str, Any] = {
     "tensor(float)": np.float32,
     "tensor(double)": np.float64,
@@ -46,6 +41,13 @@ class SklearnEngine:
         if single_thread:
             estimator.set_params(**single_thread)
         self._call = estimator.predict_proba if task == "classifier" else estimator.predict
+        if hasattr(estimator, "feature_names_in_"):
+            # Fitted on a DataFrame, it warns on every call with a plain array. The service has already put the
+            # columns in the fitted order (the package gate checks the names), so the warning says nothing
+            # here. Only scikit-learn's own warning is silenced, and only once such an engine exists (a
+            # filter, unlike catch_warnings, is safe with the threadpool's concurrent calls).
+            warnings.filterwarnings("ignore", message="X does not have valid feature names",
+                                    category=UserWarning, module=r"sklearn(\.|$)")
 
     def run(self, X: np.ndarray) -> np.ndarray:
         import sklearn

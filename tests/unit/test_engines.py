@@ -99,3 +99,34 @@ def test_onnx_engine_scores_any_batch_size(demo_models: Path, rows: int):
     labels, proba = model.score(X)
     assert labels.shape == (rows,) and set(labels.tolist()) == {"setosa"}
     np.testing.assert_allclose(proba.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_importing_the_engines_leaves_the_warning_filters_alone():
+    import subprocess
+    import sys
+
+    # numpy adds filters of its own when imported: it is imported first.
+    code = ("import warnings, numpy; before = list(warnings.filters); import app.packages.engines; "
+            "assert warnings.filters == before, 'importing app.packages.engines changed the warning filters'")
+    result = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+def test_an_estimator_fitted_on_a_dataframe_scores_arrays_without_its_feature_name_warning():
+    import warnings
+
+    import pandas as pd
+
+    X, y = load_iris(return_X_y=True, as_frame=True)
+    estimator = RandomForestClassifier(n_estimators=5, random_state=0).fit(X, y)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        estimator.predict_proba(X.to_numpy()[:2])  # the warning scikit-learn gives, before any engine exists
+        assert any("valid feature names" in str(w.message) for w in seen)
+        seen.clear()
+        engine = SklearnEngine(estimator, "classifier")
+        probabilities = engine.run(X.to_numpy()[:2])
+        warnings.warn("a warning of the service's own", UserWarning, stacklevel=1)
+    assert [str(w.message) for w in seen] == ["a warning of the service's own"]
+    assert np.allclose(probabilities, estimator.predict_proba(pd.DataFrame(X.to_numpy()[:2], columns=X.columns)))
