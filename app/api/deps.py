@@ -12,14 +12,9 @@ from starlette.concurrency import run_in_threadpool
 from app.api.security import check_api_key
 from app.errors import APIError
 from app.serving.registry import ModelRegistry
-from app.settings import Settings
 
 # These do no I/O, so they are `async def`: FastAPI would otherwise hand each one to
 # its threadpool, a thread switch per dependency per request.
-
-
-async def get_settings(request: Request) -> Settings:
-    return request.app.state.settings
 
 
 async def get_registry(request: Request) -> ModelRegistry:
@@ -49,7 +44,6 @@ async def api_key(request: Request) -> None:
 USER_ID_MAX_LENGTH = 256
 MODEL_VERSION_MAX_LENGTH = 64
 
-SettingsDep = Annotated[Settings, Depends(get_settings)]
 RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
 ApiKey = Depends(api_key)
 UserId = Annotated[
