@@ -173,7 +173,7 @@ async def _arguments(scope: Scope, shortcut: Shortcut, body: bytes) -> tuple[dic
     try:
         await api_key(request)  # the router's dependency
         parsed = shortcut.body_type.model_validate_json(body)
-        registry = request.app.state.registry
+        registry = await get_registry(request)  # what the route's RegistryDep solves
         served = registry.get(shortcut.name)
     except (APIError, ValidationError, UnknownModel):
         return None

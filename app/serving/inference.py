@@ -31,7 +31,8 @@ COST_SAMPLES = 16
 def scores_inline(registry: ModelRegistry, served: ServedModel) -> bool:
     """Whether a single row for this model is cheap enough to score on the event loop: true once every
     version it may route to has been measured (in the threadpool) below INLINE_MAX_SECONDS."""
-    return all(registry.state(model).inline for model in served.versions.values())
+    return all((state := registry.kept_state(model)) is not None and state.inline
+               for model in served.versions.values())
 
 
 def _score_and_measure(state: VersionState, X: Any) -> tuple[np.ndarray, np.ndarray | None]:

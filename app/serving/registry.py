@@ -156,6 +156,8 @@ class ModelRegistry:
             with self._lock:
                 self.last_error = f"loading the model packages failed ({type(exc).__name__}: {exc})"
             return self._models
+        finally:
+            self._loading = {}  # an interrupted load keeps none of what it loaded
 
     def _load(self) -> dict[str, ServedModel]:
         models_dir = Path(self.settings.models_dir)
@@ -170,7 +172,6 @@ class ModelRegistry:
             return previous
         new: dict[str, ServedModel] = {}
         errors: list[str] = []
-        self._loading = {}
         names = set(available) | set(self.settings.models) | set(unlisted)
         for name in sorted(names):
             failures: list[dict[str, str]] = []
@@ -198,7 +199,6 @@ class ModelRegistry:
         with self._lock:
             self._models = new
             self._states = states
-            self._loading = {}
             self.loaded = bool(new)
             self.last_error = "; ".join(errors) if errors else None
         for served in new.values():
@@ -303,13 +303,15 @@ class ModelRegistry:
             return self.settings.default_model
         return next(iter(sorted(self._models)), None)
 
+    def kept_state(self, model: LoadedModel) -> VersionState | None:
+        """The state of a version this registry serves; None for one a reload has replaced or removed."""
+        state = self._states.get((model.name, model.version))
+        return state if state is not None and state.model is model else None
+
     def state(self, model: LoadedModel) -> VersionState:
         """The state of a loaded version. A request that chose a version just before a reload replaced or
         removed it gets a state of its own, kept by nobody: what it records goes with it."""
-        state = self._states.get((model.name, model.version))
-        if state is not None and state.model is model:
-            return state
-        return self._new_state(model, None)
+        return self.kept_state(model) or self._new_state(model, None)
 
 
 def _fingerprint(path: Path) -> tuple[int, int, int] | None:
