@@ -116,24 +116,51 @@ PREDICTION_LOG_DROPPED = Counter(
 )
 
 
-_children: dict[tuple[Any, tuple[str, ...]], Any] = {}
+def _child(metric: Any, labels: tuple[str, ...]) -> Any | None:
+    """``metric.labels(*labels)``, or None when the series cannot be created.
+
+    A new series opens a file in the metrics folder; a folder that is gone or full (a worker outliving its
+    instance's restart) costs the sample, never the request."""
+    try:
+        return metric.labels(*labels)
+    except OSError as exc:
+        _warn_once(exc)
+        return None
+
+
+class Series:
+    """The children of one metric whose first label values are fixed: the series one owner writes (a loaded
+    version owns its predictions and drift gauges, app/serving/registry.py), each made once.
+
+    prometheus_client takes a lock and checks every label value on each ``labels()`` call, which the request path
+    would pay several times per request. A child that could not be made is not remembered: the next call retries.
+    """
+
+    def __init__(self, metric: Any, *fixed: str) -> None:
+        self.metric = metric
+        self.fixed = fixed
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def __call__(self, *rest: str) -> Any:
+        child = self._children.get(rest)
+        if child is None:
+            child = _child(self.metric, self.fixed + rest)
+            if child is None:
+                return _DISCARD
+            self._children[rest] = child
+        return child
+
+
+_labelled: dict[Any, Series] = {}
 
 
 def labelled(metric: Any, *labels: str) -> Any:
-    """``metric.labels(*labels)``, remembered: prometheus_client takes a lock and checks every label value on
-    each lookup, which the request path would pay several times per request. There are as many entries as
-    exported series."""
-    key = (metric, labels)
-    child = _children.get(key)
-    if child is None:
-        try:
-            child = _children[key] = metric.labels(*labels)
-        except OSError as exc:
-            # A new series opens a file in the metrics folder; a folder that is gone or full (a worker outliving
-            # its instance's restart) costs the sample, never the request. Not remembered: the next call retries.
-            _warn_once(exc)
-            return _DISCARD
-    return child
+    """``metric.labels(*labels)``, remembered for the life of the process, for series that no one object owns
+    (a route's requests, the prediction log's drops). There are as many entries as exported series."""
+    series = _labelled.get(metric)
+    if series is None:
+        series = _labelled[metric] = Series(metric)
+    return series(*labels)
 
 
 class _Discard:

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from app.logs import get_logger
-from app.metrics import DRIFT, PREDICTIONS, SHADOW_AGREEMENT, labelled
+from app.metrics import SHADOW_AGREEMENT
 from app.packages.gate import LoadedModel
 from app.packages.validation import Batch
 from app.serving.registry import ModelRegistry, ServedModel, VersionState
@@ -78,11 +78,8 @@ def observe_drift(state: VersionState, X: np.ndarray) -> None:
         state.rows_since_refresh = rows
         return
     state.rows_since_refresh = 0  # a lost update between threads only delays the next refresh
-    scores = monitor.scores()
-    if scores:
-        model = state.model
-        for feature, value in scores.items():
-            labelled(DRIFT, model.name, model.version, feature).set(value)
+    for feature, value in (monitor.scores() or {}).items():  # None below min_samples
+        state.drift_psi(feature).set(value)
 
 
 Decoder = Callable[[LoadedModel], Batch]
@@ -107,20 +104,20 @@ def score(
     batch = decode(model)
     version_state = registry.state(model)
     labels, probabilities = _score_and_measure(version_state, batch.X)
-    count_predictions(model, labels)
+    count_predictions(version_state, labels)
     observe_drift(version_state, batch.codes)
     return Scored(model, batch, labels, probabilities)
 
 
-def count_predictions(model: LoadedModel, labels: np.ndarray) -> None:
-    if model.task == "classifier" and len(labels) == 1:
-        labelled(PREDICTIONS, model.name, model.version, str(labels[0])).inc()
-    elif model.task == "classifier":
+def count_predictions(state: VersionState, labels: np.ndarray) -> None:
+    if state.model.task != "classifier":
+        state.predictions("").inc(len(labels))
+    elif len(labels) == 1:
+        state.predictions(str(labels[0])).inc()
+    else:
         values, counts = np.unique(labels.astype(str), return_counts=True)
         for value, count in zip(values.tolist(), counts.tolist(), strict=True):
-            labelled(PREDICTIONS, model.name, model.version, value).inc(count)
-    else:
-        labelled(PREDICTIONS, model.name, model.version, "").inc(len(labels))
+            state.predictions(value).inc(count)
 
 
 def shadow_score(served: ServedModel, primary: Scored, request_id: str | None) -> None:

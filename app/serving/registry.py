@@ -19,7 +19,7 @@ from typing import Any
 
 from app.errors import APIError
 from app.logs import get_logger
-from app.metrics import MODEL_INFO, MODEL_LOAD_FAILURES
+from app.metrics import DRIFT, MODEL_INFO, MODEL_LOAD_FAILURES, PREDICTIONS, Series
 from app.packages.gate import LoadedModel, discover, load_package
 from app.packages.manifest import PackageError, as_refusal
 from app.serving.drift import DriftMonitor
@@ -110,9 +110,10 @@ class VersionState:
     """What one process keeps about one loaded version while it serves, in one place.
 
     The package's identity on disk (a reload keeps the loaded object of a version that did not change), its
-    drift monitor and the rows seen since its gauges were refreshed (app/serving/inference.py), and its measured
-    single-row cost, which decides whether a row is scored on the event loop. The registry makes one when it
-    loads a version and drops it with the version, so nothing outlives the version it describes.
+    drift monitor and the rows seen since its gauges were refreshed (app/serving/inference.py), its measured
+    single-row cost, which decides whether a row is scored on the event loop, and its metric series: predictions
+    by label, drift by feature and the loaded gauge. The registry makes one when it loads a version and drops it
+    with the version, so nothing outlives the version it describes.
     """
 
     def __init__(self, model: LoadedModel, stamp: tuple[int, int, int] | None, settings: Settings) -> None:
@@ -128,6 +129,9 @@ class VersionState:
         self.rows_since_refresh = 0
         self.row_costs: list[float] = []
         self.inline: bool | None = None  # None until measured
+        self.predictions = Series(PREDICTIONS, model.name, model.version)  # by predicted label
+        self.drift_psi = Series(DRIFT, model.name, model.version)  # by feature
+        self.loaded = Series(MODEL_INFO, model.name, model.version, model.engine.name)
 
 
 def _version_key(v: str) -> tuple[Any, ...]:
@@ -189,7 +193,7 @@ class ModelRegistry:
                 f"no model packages in {models_dir.resolve()}; run `make models` or "
                 "mlapi package, or set MLAPI_MODELS_DIR"
             )
-        states = {}
+        states: dict[tuple[str, str], VersionState] = {}
         for served in new.values():
             for version, model in served.versions.items():
                 key = (served.name, version)
@@ -197,18 +201,16 @@ class ModelRegistry:
                 # A version kept after a refusal (or an unlistable folder) keeps the state it served with.
                 states[key] = state if state is not None and state.model is model else self._new_state(model, None)
         with self._lock:
+            previous_states, self._states = self._states, states
             self._models = new
-            self._states = states
             self.loaded = bool(new)
             self.last_error = "; ".join(errors) if errors else None
-        for served in new.values():
-            for version, model in served.versions.items():
-                MODEL_INFO.labels(served.name, version, model.engine.name).set(1)
-        for name, old in previous.items():
-            still_served = new[name].versions if name in new else {}
-            for version, model in old.versions.items():
-                if version not in still_served:
-                    MODEL_INFO.labels(name, version, model.engine.name).set(0)
+        serving = {state.loaded.fixed for state in states.values()}
+        for state in previous_states.values():
+            if state.loaded.fixed not in serving:  # gone, or served by another engine now
+                state.loaded().set(0)
+        for state in states.values():
+            state.loaded().set(1)
         log.info(
             "models loaded",
             extra={

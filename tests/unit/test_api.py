@@ -347,6 +347,22 @@ def test_drift_is_scored_against_the_reference_and_exported(client):
     assert metric(text, "mlapi_feature_drift_psi", model="iris", version="1", feature="sepal_length") >= 0.2
 
 
+def test_drift_waits_for_its_minimum_sample_without_failing_a_request(make_client, demo_models):
+    """A refresh of the drift gauges (every 200 rows) before MLAPI_DRIFT_MIN_SAMPLES rows have been seen has no
+    scores to publish; the requests go on being answered, and the gauges appear once the sample is there."""
+    from scripts.harness.metrics import metric
+
+    shifted = [[7.9 + i * 0.001, 4.4, 6.9, 2.5] for i in range(250)]
+    with make_client(demo_models, drift_min_samples=400) as c:
+        assert c.post("/v1/predict/batch", json={"instances": shifted}).status_code == 200
+        assert c.get("/v1/models/iris").json()["versions"][0]["drift"]["scores"] is None
+        assert c.post("/v1/predict/batch", json={"instances": shifted[:150]}).status_code == 200  # 400 rows: refresh
+        assert c.post("/v1/predict/batch", json={"instances": shifted[:50]}).status_code == 200  # 450: no refresh yet
+        assert c.post("/v1/predict/batch", json={"instances": shifted}).status_code == 200  # 700: refresh
+        assert metric(c.get("/metrics").text, "mlapi_feature_drift_psi", model="iris", version="1",
+                      feature="sepal_length") >= 0.2
+
+
 DOC_ROUTES = ["/openapi.json", "/docs", "/redoc", "/docs/static/swagger-ui-bundle.js", "/docs/static/docs.js"]
 DOCS_KEY = "docs-key-for-tests"
 DOCS_KEY_HASH = hashlib.sha256(DOCS_KEY.encode()).hexdigest()

@@ -221,6 +221,28 @@ def test_a_version_keeps_its_state_while_it_serves_and_loses_it_with_the_version
     assert registry.state(model) is not state and registry.state(model) is not fresh
 
 
+def test_the_loaded_gauge_follows_the_versions_and_engines_that_serve(models_copy):
+    """mlapi_model_loaded is 1 for each version and engine serving and 0 once it no longer does: a version reloaded
+    with another engine, or replaced by a newer one, leaves no series saying it still serves."""
+    from prometheus_client import generate_latest
+
+    def loaded(version: str, engine: str) -> float:
+        return metric(generate_latest().decode(), "mlapi_model_loaded", model="iris", version=version, engine=engine)
+
+    registry = ModelRegistry(Settings(models_dir=models_copy, engine="onnx"))
+    registry.load()
+    assert loaded("1", "onnx") == 1
+    registry.settings = Settings(models_dir=models_copy, engine="sklearn")
+    manifest = models_copy / "iris" / "1" / "manifest.json"
+    manifest.write_text(manifest.read_text())  # written again: loaded again, with the engine now configured
+    registry.load()
+    assert registry.get("iris").versions["1"].engine.name == "sklearn"
+    assert (loaded("1", "sklearn"), loaded("1", "onnx")) == (1, 0)
+    add_version(models_copy, "2")  # without routing the newest version serves alone
+    registry.load()
+    assert (loaded("2", "sklearn"), loaded("1", "sklearn")) == (1, 0)
+
+
 def test_listing_the_models_records_nothing_about_their_versions(client):
     registry = client.app.state.registry
     states = {(name, version): registry.state(model)
