@@ -59,10 +59,10 @@ serve: models ## run the service under gunicorn on 127.0.0.1:8000, gRPC on 127.0
 	$(BIN)/mlapi serve --workers $${MLAPI_WORKERS:-2} --grpc $${MLAPI_GRPC_BIND:-127.0.0.1:8500}
 
 test: venv ## run the whole test suite: unit, integration and end-to-end
-	$(BIN)/pytest -n 2 --dist loadgroup
+	$(BIN)/pytest -n 2
 
 test-fast: venv ## unit and integration tests only (no sandbox hosts)
-	$(BIN)/pytest -n 2 --dist loadgroup -m "not e2e"
+	$(BIN)/pytest -n 2 -m "not e2e"
 
 # The sandbox's vault password comes from its file (0600): no prompt.
 PLAYBOOK := ANSIBLE_CONFIG=deploy/ansible/ansible.cfg $(BIN)/ansible-playbook \

@@ -10,14 +10,22 @@ import pytest
 from scripts.harness.servers import mlapi
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Groups for pytest-xdist's ``--dist loadgroup`` (``make test`` runs two processes): the sandbox tests share
-    hosts and an order (tests/e2e/conftest.py), so they all run in one process; every other module runs whole in
-    one process, so that its module fixtures (servers, NGINX, built packages) start once."""
-    for item in items:
-        path = item.nodeid.split("::", 1)[0]
-        item.add_marker(pytest.mark.xdist_group("sandbox" if path.startswith("tests/e2e/") else path))
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """How pytest-xdist shares the tests between its processes (``make test`` runs two): the sandbox tests share
+    hosts and an order (tests/e2e/conftest.py), so all of them go to one process, in that order; every other module
+    goes whole to one process, so its module fixtures (servers, NGINX, built packages) start once. The biggest unit
+    of work, the sandbox tests, is handed out first.
+
+    A scheduler of our own rather than ``--dist loadgroup``: its marks rename a test's nodeid, which pytest 9 no
+    longer lets a plugin do, so every test ended up in a group of its own."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SandboxTestsTogether(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return "tests/e2e" if path.startswith("tests/e2e/") else path
+
+    return SandboxTestsTogether(config, log)
 
 
 @pytest.fixture(scope="session")
