@@ -10,6 +10,7 @@ import pytest
 from scripts.harness.servers import mlapi
 
 
+@pytest.hookimpl(optionalhook=True)  # a run with -p no:xdist has no such hook
 def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
     """How pytest-xdist shares the tests between its processes (``make test`` runs two): the sandbox tests share
     hosts and an order (tests/e2e/conftest.py), so all of them go to one process, in that order; every other module
