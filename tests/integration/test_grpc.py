@@ -76,7 +76,7 @@ def iris(demo_models):
 
 
 def in_process(iris, X) -> tuple[list[str], np.ndarray]:
-    labels, probabilities = iris.score(np.asarray(X, dtype=np.float64))
+    labels, probabilities = iris.infer(np.asarray(X, dtype=np.float64))
     return [str(v) for v in labels.tolist()], probabilities
 
 
@@ -147,7 +147,7 @@ def test_a_regressor_and_string_features_per_tensor(client, demo_models):
     diabetes = load_package(demo_models / "diabetes" / "1")
     X = np.linspace(-0.05, 0.05, 30).reshape(3, 10)
     result = client.infer("diabetes", [tensor(X, "FP64")])
-    np.testing.assert_allclose(result.as_numpy("predict").reshape(-1), diabetes.score(X)[0], rtol=0, atol=1e-4)
+    np.testing.assert_allclose(result.as_numpy("predict").reshape(-1), diabetes.infer(X)[0], rtol=0, atol=1e-4)
 
     frame, _, _ = churn_data(rows=12, seed=7)
     inputs = []
@@ -399,7 +399,7 @@ def test_mlserver_codecs_round_trip_over_grpc(service, iris, demo_models):
     out = run_script("mlserver", SCRIPTS / "mlserver_grpc_codecs.py", f"127.0.0.1:{service.grpc_port}",
                      json.dumps(ROWS), json.dumps(diabetes.feature_names), json.dumps(X.tolist()))
     probabilities = in_process(iris, ROWS)[1]
-    predicted = diabetes.score(X)[0]
+    predicted = diabetes.infer(X)[0]
     for kind in ("typed", "raw"):
         answer = out[kind]
         assert answer["iris_proba"]["shape"] == list(probabilities.shape), kind
@@ -435,12 +435,19 @@ def tls_client(edge) -> triton.InferenceServerClient:
 
 def test_triton_grpc_through_nginx_over_tls(edge, iris):
     service = edge.service
+
+    def infer_lines() -> list[str]:
+        return [line for line in edge.log_lines() if "ModelInfer" in line]
+
+    before = len(infer_lines())
     with tls_client(edge) as c:
         assert c.is_server_ready() and c.is_model_ready("iris")
         X = np.array(ROWS, dtype=np.float32)
         result = c.infer("iris", [tensor(X, "FP32")], outputs=[triton.InferRequestedOutput("predict_proba")])
         np.testing.assert_array_equal(result.as_numpy("predict_proba"), in_process(iris, X)[1])
-    edge_line = json.loads(next(line for line in reversed(edge.log_lines()) if "ModelInfer" in line))
+    # NGINX writes its access line after the response has gone, so the client may read the answer first.
+    wait_for(lambda: len(infer_lines()) > before, 10, what="the edge's line of this ModelInfer")
+    edge_line = json.loads(infer_lines()[before])
     assert edge_line["protocol"] == "HTTP/2.0" and edge_line["status"] == 200
     # The edge's request id keys the service's line, and the client's address is the one NGINX saw.
     wait_for(lambda: any(e.get("request_id") == edge_line["request_id"] for e in service_access_lines(service)), 10,
