@@ -9,13 +9,13 @@ from app.api.deps import ApiKey, RegistryDep
 from app.api.schemas import ERROR_RESPONSES
 from app.api.security import shared_limit
 from app.errors import APIError
-from app.packages.gate import LoadedModel
+from app.packages.gate import ModelVersion
 from app.responses import FastJSONResponse
 from app.serving.registry import ModelRegistry, ServedModel, UnknownModel
 from app.settings import Settings
 
 
-def version_info(registry: ModelRegistry, served: ServedModel, model: LoadedModel) -> dict[str, Any]:
+def version_info(registry: ModelRegistry, served: ServedModel, model: ModelVersion) -> dict[str, Any]:
     m = model.manifest
     return {
         "version": model.version,

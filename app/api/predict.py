@@ -52,11 +52,11 @@ from app.api.schemas import (
 )
 from app.api.security import shared_limit
 from app.errors import APIError, ErrorShape, shape_errors
-from app.packages.gate import LoadedModel
+from app.packages.gate import ModelVersion
 from app.packages.manifest import Manifest
 from app.packages.validation import ValidationFailure
 from app.responses import FastJSONResponse
-from app.serving.inference import Scored, score, scores_inline, shadow_score
+from app.serving.inference import PredictionResult, compare_shadow, predict, runs_inline
 from app.serving.registry import ModelRegistry, UnknownModel
 from app.settings import Settings
 
@@ -82,22 +82,22 @@ def _run(
     batch: bool,
     user_id: str | None,
     version: str | None,
-) -> Scored:
+) -> PredictionResult:
     max_abs = registry.settings.max_abs_value
 
-    def decode(model: LoadedModel) -> Any:
+    def decode(model: ModelVersion) -> Any:
         return model.inputs.rows(rows, max_abs)
 
     try:
         served = registry.get(name)
-        scored = score(registry, served, decode, user_id=user_id, version=version, state=request.state)
+        scored = predict(registry, served, decode, user_id=user_id, version=version, state=request.state)
     except UnknownModel as exc:
         raise APIError(404, str(exc), code="model_not_found") from None
     except ValidationFailure as exc:
         raise _invalid(exc, batch) from None
     request.app.state.prediction_log.write(request.state, scored)
     if served.shadow is not None:
-        background.add_task(shadow_score, served, scored, request.state.request_id)
+        background.add_task(compare_shadow, served, scored, request.state.request_id)
     return scored
 
 
@@ -187,7 +187,7 @@ async def _arguments(scope: Scope, shortcut: Shortcut, body: bytes) -> tuple[dic
                  "user_id": user_id, "model_version": model_version}
     if shortcut.versioned:
         arguments["version"] = scope["path_params"]["version"]
-    return arguments, not shortcut.batch and not shortcut.limited and scores_inline(registry, served)
+    return arguments, not shortcut.batch and not shortcut.limited and runs_inline(registry, served)
 
 
 def _replay(messages: list[Message], receive: Receive) -> Receive:
@@ -263,7 +263,7 @@ def build_router(
     return router
 
 
-def _single_response(scored: Scored, request_id: str) -> dict[str, Any]:
+def _single_response(scored: PredictionResult, request_id: str) -> dict[str, Any]:
     probabilities = scored.probability_maps()
     return {
         "model": scored.model.name,
@@ -274,7 +274,7 @@ def _single_response(scored: Scored, request_id: str) -> dict[str, Any]:
     }
 
 
-def _batch_response(scored: Scored, request_id: str) -> dict[str, Any]:
+def _batch_response(scored: PredictionResult, request_id: str) -> dict[str, Any]:
     return {
         "model": scored.model.name,
         "version": scored.model.version,
@@ -284,7 +284,7 @@ def _batch_response(scored: Scored, request_id: str) -> dict[str, Any]:
     }
 
 
-def _kserve_response(scored: Scored, request_id: str) -> dict[str, Any]:
+def _kserve_response(scored: PredictionResult, request_id: str) -> dict[str, Any]:
     return {"predictions": scored.predictions()}
 
 

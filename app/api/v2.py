@@ -35,10 +35,10 @@ from app.api.health import readiness
 from app.api.schemas import ProtocolError
 from app.api.security import shared_limit
 from app.errors import APIError, ErrorShape, shape_errors
-from app.packages.gate import LoadedModel
+from app.packages.gate import ModelVersion
 from app.packages.validation import Batch, ValidationFailure
 from app.responses import FastJSONResponse
-from app.serving.inference import Scored, score, shadow_score
+from app.serving.inference import PredictionResult, compare_shadow, predict
 from app.serving.registry import ModelRegistry, ServedModel, UnknownModel
 from app.settings import Settings
 
@@ -225,7 +225,7 @@ def _refused(exc: ValidationFailure, single_tensor: str | None) -> APIError:
     return _bad(f"{where}: {first['msg']}" + (f" (and {more} more problems)" if more else ""))
 
 
-def decode(body: InferenceRequest, model: LoadedModel, max_abs: float, max_rows: int) -> Batch:
+def decode(body: InferenceRequest, model: ModelVersion, max_abs: float, max_rows: int) -> Batch:
     """The inputs of a request as the estimator input of ``model``; APIError 400/413 for what does not fit."""
     schema = model.inputs
     names = model.feature_names
@@ -294,7 +294,7 @@ def _triton_type(datatype: str) -> str:
 _TENSOR_TYPES = {"float": "FP64", "int": "INT64", "bool": "BOOL", "string": "BYTES"}
 
 
-def _metadata_inputs(model: LoadedModel) -> list[dict[str, Any]]:
+def _metadata_inputs(model: ModelVersion) -> list[dict[str, Any]]:
     k = len(model.feature_names)
     if model.inputs.numeric:
         return [
@@ -303,7 +303,7 @@ def _metadata_inputs(model: LoadedModel) -> list[dict[str, Any]]:
     return [{"name": f.name, "datatype": _TENSOR_TYPES[f.type], "shape": [-1, 1]} for f in model.manifest.features]
 
 
-def _model_metadata(served: ServedModel, model: LoadedModel) -> dict[str, Any]:
+def _model_metadata(served: ServedModel, model: ModelVersion) -> dict[str, Any]:
     outputs = [{"name": "predict", "datatype": "BYTES" if model.task == "classifier" else "FP64", "shape": [-1, 1]}]
     if model.task == "classifier":
         outputs.append({"name": "predict_proba", "datatype": "FP64", "shape": [-1, len(model.classes or [])]})
@@ -317,7 +317,7 @@ def _model_metadata(served: ServedModel, model: LoadedModel) -> dict[str, Any]:
     }
 
 
-def _model_config(served: ServedModel, model: LoadedModel, max_batch_size: int) -> dict[str, Any]:
+def _model_config(served: ServedModel, model: ModelVersion, max_batch_size: int) -> dict[str, Any]:
     """The model configuration extension's answer, in Triton's form, from what the manifest knows."""
     metadata = _model_metadata(served, model)
     return {
@@ -381,7 +381,7 @@ def _top_classes(probabilities: np.ndarray, classes: list[Any], k: int) -> np.nd
     )
 
 
-def _output_names(model: LoadedModel) -> list[str]:
+def _output_names(model: ModelVersion) -> list[str]:
     return ["predict", "predict_proba"] if model.task == "classifier" else ["predict"]
 
 
@@ -409,7 +409,9 @@ def _requested_outputs(body: InferenceRequest, available: list[str]) -> list[tup
     return requested
 
 
-def _outputs(scored: Scored, requested: list[tuple[str, int, bool]]) -> list[tuple[dict[str, Any], np.ndarray, bool]]:
+def _outputs(
+    scored: PredictionResult, requested: list[tuple[str, int, bool]]
+) -> list[tuple[dict[str, Any], np.ndarray, bool]]:
     """(output without its data, values, binary?) per requested output."""
     n = scored.labels.shape[0]
     outputs = []
@@ -487,7 +489,7 @@ def build_router(settings: Settings, limiter: Limiter) -> APIRouter:
     predict_limit = shared_limit(limiter, settings, settings.rate_limit_predict, "predict")
     api_limit = shared_limit(limiter, settings, settings.rate_limit_default, "api")
 
-    def lookup(registry: ModelRegistry, name: str, version: str | None) -> tuple[ServedModel, LoadedModel]:
+    def lookup(registry: ModelRegistry, name: str, version: str | None) -> tuple[ServedModel, ModelVersion]:
         try:
             served = registry.get(name)
             return served, served.choose(
@@ -540,13 +542,13 @@ def build_router(settings: Settings, limiter: Limiter) -> APIRouter:
         requested = _requested_outputs(body, _output_names(reference))
         user = request.headers.get("x-user-id")
 
-        def decoded(model: LoadedModel) -> Batch:
+        def decoded(model: ModelVersion) -> Batch:
             return decode(request_body, model, settings.max_abs_value, settings.max_batch_size)
 
-        scored = score(registry, served, decoded, user_id=user, version=version, state=request.state)
+        scored = predict(registry, served, decoded, user_id=user, version=version, state=request.state)
         request.app.state.prediction_log.write(request.state, scored)
         if served.shadow is not None:
-            background.add_task(shadow_score, served, scored, request.state.request_id)
+            background.add_task(compare_shadow, served, scored, request.state.request_id)
         outputs = _outputs(scored, requested)
         payload = {
             "model_name": name,

@@ -15,7 +15,7 @@ from typing import BinaryIO, cast
 
 from app.cli.arguments import non_negative_float, positive_int
 from app.cli.progress import LINE_SECONDS, Progress
-from app.packages.gate import LoadedModel, load_package
+from app.packages.gate import ModelVersion, load_package
 from app.packages.manifest import PackageError
 from app.packages.validation import ValidationFailure
 
@@ -91,7 +91,7 @@ def _string(cell: str) -> str:
 CELL_READERS = {"float": _number, "int": _number, "bool": _boolean, "string": _string}
 
 
-def _output_columns(header: list[str], model: LoadedModel) -> list[str]:
+def _output_columns(header: list[str], model: ModelVersion) -> list[str]:
     added = ["prediction"]
     if model.classes is not None:
         added += [f"probability_{c}" for c in model.classes]
@@ -107,7 +107,7 @@ def _chunks(reader: Iterator[list[str]], size: int) -> Iterator[list[list[str]]]
 
 
 def score_file(
-    model: LoadedModel, source: Path, target: Path, chunk_size: int, max_abs: float, progress: Progress | None = None
+    model: ModelVersion, source: Path, target: Path, chunk_size: int, max_abs: float, progress: Progress | None = None
 ) -> int:
     """Write target from source; returns the number of rows. Nothing is left at target on error."""
     features = model.feature_names
@@ -149,7 +149,7 @@ def score_file(
                     line = first_line + where[0] if where else first_line
                     column = f", column {where[1]!r}" if len(where) > 1 else ""
                     raise InputError(f"{source} line {line}{column}: {exc.details[0]['msg']}") from None
-                predictions, probabilities = model.score(batch.X)
+                predictions, probabilities = model.infer(batch.X)
                 if probabilities is None:
                     added = [[repr(float(v))] for v in predictions]
                 else:

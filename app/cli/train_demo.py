@@ -158,13 +158,13 @@ def train_and_package(name: str, models_dir: Path, version: str, force: bool) ->
     if target.exists() and not force:
         print(f"{name} {version}: {target} exists, left as it is (--force rebuilds it)")
         return None
-    load, make_estimator, score, stratify = DEMO_MODELS[name]
+    load, make_estimator, evaluate, stratify = DEMO_MODELS[name]
     X, y, features = load()
     X_train, X_valid, y_train, y_valid = train_test_split(
         X, y, test_size=0.3, random_state=RANDOM_STATE, stratify=y if stratify else None
     )
     model = make_estimator().fit(X_train, y_train)
-    metrics = {**score(model, X_train, y_train, "train"), **score(model, X_valid, y_valid, "validation")}
+    metrics = {**evaluate(model, X_train, y_train, "train"), **evaluate(model, X_valid, y_valid, "validation")}
     metrics.update(train_rows=len(X_train), validation_rows=len(X_valid))
     path = build_package(
         model,

@@ -48,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def verify(path: Path, engine: str = "auto", onnx_threads: int = 1) -> dict[str, Any]:
     """The summary of a package that passed the gate and scored one row; raises PackageError otherwise."""
     model = load_package(path, engine=engine, onnx_threads=onnx_threads)
-    labels, _ = model.score(model.inputs.smoke_batch(model.manifest.reference).X)
+    labels, _ = model.infer(model.inputs.smoke_batch(model.manifest.reference).X)
     return {
         "ok": True,
         "package": str(path),

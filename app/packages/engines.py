@@ -3,7 +3,7 @@
 ``Engine.run(X)`` makes exactly one call into the model for a whole batch and
 returns class probabilities ``(n, n_classes)`` in the package's class order for
 a classifier, or values ``(n,)`` for a regressor. Labels are derived from the
-probabilities by the caller (``LoadedModel.score``), so a request never pays
+probabilities by the caller (``ModelVersion.infer``), so a request never pays
 for ``predict`` and ``predict_proba`` twice.
 """
 

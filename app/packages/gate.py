@@ -29,7 +29,11 @@ from app.packages.validation import InputSchema, reference_row
 
 
 @dataclass
-class LoadedModel:
+class ModelVersion:
+    """One loaded version of a model package: its manifest, the engine that runs it and its input schema. The
+    versions served under one name, and how requests are split between them, are a ServedModel
+    (app/serving/registry.py)."""
+
     manifest: Manifest
     path: Path
     engine: Engine
@@ -61,10 +65,10 @@ class LoadedModel:
     def classes(self) -> list[str | int | float] | None:
         return self.manifest.classes
 
-    def score(self, X: Any) -> tuple[np.ndarray, np.ndarray | None]:
-        """One call into the model for the batch: (labels, probabilities) or (values, None).
+    def infer(self, X: Any) -> tuple[np.ndarray, np.ndarray | None]:
+        """One call into the engine for the batch: (labels, probabilities) or (values, None).
 
-        X is a Batch's estimator input, built by ``self.inputs`` (app/serving/validation.py).
+        X is a Batch's estimator input, built by ``self.inputs`` (app/packages/validation.py).
         """
         out = self.engine.run(X)
         if self._classes is None:
@@ -305,7 +309,7 @@ def _check_features(path: Path, manifest: Manifest, estimator: Any) -> None:
         )
 
 
-def load_package(path: Path, *, engine: str = "auto", onnx_threads: int = 1) -> LoadedModel:
+def load_package(path: Path, *, engine: str = "auto", onnx_threads: int = 1) -> ModelVersion:
     """Load one package folder through every check; raises PackageError naming the failed one."""
     path = Path(path)
     if engine not in ("auto", "onnx", "sklearn"):
@@ -332,7 +336,7 @@ def load_package(path: Path, *, engine: str = "auto", onnx_threads: int = 1) -> 
 
 def _engine(
     path: Path, manifest: Manifest, contents: dict[str, bytes], estimator: Any, engine: str, onnx_threads: int
-) -> LoadedModel:
+) -> ModelVersion:
     """The package served by the engine asked for, each engine checked on one row."""
     onnx_kept = bool(manifest.onnx.get("kept"))
     if onnx_kept and MODEL_ONNX not in contents:
@@ -364,8 +368,8 @@ def _engine(
     if engine == "sklearn" or onnx_engine is None:
         sklearn_engine = SklearnEngine(estimator, manifest.task)
         _check_output(path, manifest, sklearn_engine, "estimator")
-        return LoadedModel(manifest, path, sklearn_engine)
-    return LoadedModel(manifest, path, onnx_engine)
+        return ModelVersion(manifest, path, sklearn_engine)
+    return ModelVersion(manifest, path, onnx_engine)
 
 
 def _check_output(path: Path, manifest: Manifest, engine: Engine, check: Check) -> None:

@@ -1,4 +1,4 @@
-"""The prediction path shared by /v1 and /v2: pick a version, score once, record what happened."""
+"""The prediction path shared by /v1 and /v2: pick a version, run it once on the batch, record what happened."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 
 from app.logs import get_logger
 from app.metrics import SHADOW_AGREEMENT
-from app.packages.gate import LoadedModel
+from app.packages.gate import ModelVersion
 from app.packages.validation import Batch
 from app.serving.registry import ModelRegistry, ServedModel, VersionState
 
@@ -28,21 +28,21 @@ INLINE_MAX_SECONDS = 0.001
 # Single-row calls timed per engine before the decision; the median of them decides.
 COST_SAMPLES = 16
 
-def scores_inline(registry: ModelRegistry, served: ServedModel) -> bool:
+def runs_inline(registry: ModelRegistry, served: ServedModel) -> bool:
     """Whether a single row for this model is cheap enough to score on the event loop: true once every
     version it may route to has been measured (in the threadpool) below INLINE_MAX_SECONDS."""
     return all((state := registry.kept_state(model)) is not None and state.inline
                for model in served.versions.values())
 
 
-def _score_and_measure(state: VersionState, X: Any) -> tuple[np.ndarray, np.ndarray | None]:
+def _infer_and_measure(state: VersionState, X: Any) -> tuple[np.ndarray, np.ndarray | None]:
     """The first single-row calls of a version are timed in CPU time of the calling thread, so time spent
     waiting for the GIL or a core on a busy machine does not count as the model's cost."""
     model = state.model
     if len(X) != 1 or state.inline is not None:
-        return model.score(X)
+        return model.infer(X)
     start = time.thread_time()
-    result = model.score(X)
+    result = model.infer(X)
     costs = state.row_costs
     costs.append(time.thread_time() - start)
     if len(costs) >= COST_SAMPLES and state.inline is None:
@@ -54,8 +54,8 @@ def _score_and_measure(state: VersionState, X: Any) -> tuple[np.ndarray, np.ndar
 
 
 @dataclass
-class Scored:
-    model: LoadedModel
+class PredictionResult:
+    model: ModelVersion
     batch: Batch  # the rows as the version that scored them decoded them
     labels: np.ndarray  # class labels, or values for regressors
     probabilities: np.ndarray | None
@@ -82,10 +82,10 @@ def observe_drift(state: VersionState, X: np.ndarray) -> None:
         state.drift_psi(feature).set(value)
 
 
-Decoder = Callable[[LoadedModel], Batch]
+Decoder = Callable[[ModelVersion], Batch]
 
 
-def score(
+def predict(
     registry: ModelRegistry,
     served: ServedModel,
     decode: Decoder,
@@ -93,7 +93,7 @@ def score(
     user_id: str | None = None,
     version: str | None = None,
     state: Any = None,
-) -> Scored:
+) -> PredictionResult:
     """Score a request with the version the routing table picks, decoded by that version's own input schema
     (``decode(model)`` raises ValidationFailure); one call into the model for the whole batch."""
     model = served.choose(user_id=user_id, override=version, overrides=registry.settings.version_override)
@@ -103,10 +103,10 @@ def score(
         state.engine = model.engine.name
     batch = decode(model)
     version_state = registry.state(model)
-    labels, probabilities = _score_and_measure(version_state, batch.X)
+    labels, probabilities = _infer_and_measure(version_state, batch.X)
     count_predictions(version_state, labels)
     observe_drift(version_state, batch.codes)
-    return Scored(model, batch, labels, probabilities)
+    return PredictionResult(model, batch, labels, probabilities)
 
 
 def count_predictions(state: VersionState, labels: np.ndarray) -> None:
@@ -120,7 +120,7 @@ def count_predictions(state: VersionState, labels: np.ndarray) -> None:
             state.predictions(value).inc(count)
 
 
-def shadow_score(served: ServedModel, primary: Scored, request_id: str | None) -> None:
+def compare_shadow(served: ServedModel, primary: PredictionResult, request_id: str | None) -> None:
     """Score the same rows with the shadow version, after the response has gone; log and count agreement.
 
     A reload keeps every version of a model to one request contract, so the primary's input fits the shadow."""
@@ -128,7 +128,7 @@ def shadow_score(served: ServedModel, primary: Scored, request_id: str | None) -
     if shadow is None or shadow is primary.model:
         return
     try:
-        labels, _ = shadow.score(primary.batch.X)
+        labels, _ = shadow.infer(primary.batch.X)
     except Exception:
         log.exception("shadow scoring failed", extra={"model": served.name, "shadow": shadow.version})
         return

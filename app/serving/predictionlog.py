@@ -41,7 +41,7 @@ import orjson
 
 from app.logs import PREDICTION_LOGGER, get_logger
 from app.metrics import PREDICTION_LOG_DROPPED, PREDICTION_LOG_WRITTEN, labelled
-from app.serving.inference import Scored
+from app.serving.inference import PredictionResult
 from app.settings import Settings
 
 JOURNAL = "journal"
@@ -62,7 +62,7 @@ class _Pending:
     """What a sampled request already holds; the record is built from it off the request path."""
 
     request_id: str | None
-    scored: Scored
+    scored: PredictionResult
     X: np.ndarray
     latency_ms: float | None
     time: float
@@ -243,7 +243,7 @@ class PredictionLog:
             log.warning("MLAPI_PREDICTION_LOG_REDACT names features no model has; check the spelling",
                         extra={"unknown_features": unknown})
 
-    def write(self, state: Any, scored: Scored) -> None:
+    def write(self, state: Any, scored: PredictionResult) -> None:
         """Queue a record of this scored request when the sample picks it; never raises, never waits."""
         if not self.sample or random.random() >= self.sample:
             return

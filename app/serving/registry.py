@@ -20,7 +20,7 @@ from typing import Any
 from app.errors import APIError
 from app.logs import get_logger
 from app.metrics import DRIFT, MODEL_INFO, MODEL_LOAD_FAILURES, PREDICTIONS, Series
-from app.packages.gate import LoadedModel, discover, load_package
+from app.packages.gate import ModelVersion, discover, load_package
 from app.packages.manifest import PackageError, as_refusal
 from app.serving.drift import DriftMonitor
 from app.settings import Settings
@@ -44,7 +44,7 @@ class ServedModel:
     """One model name: its loaded versions and how requests are split between them."""
 
     name: str
-    versions: dict[str, LoadedModel]
+    versions: dict[str, ModelVersion]
     weights: dict[str, float]  # primary versions only
     shadow: str | None = None
     failures: list[dict[str, str]] = field(default_factory=list)
@@ -55,7 +55,7 @@ class ServedModel:
 
     def choose(
         self, user_id: str | None = None, override: str | None = None, *, overrides: str = "serving"
-    ) -> LoadedModel:
+    ) -> ModelVersion:
         """The version that serves a request.
 
         An explicit version wins, but with ``overrides="serving"`` (MLAPI_VERSION_OVERRIDE) only a
@@ -116,7 +116,7 @@ class VersionState:
     with the version, so nothing outlives the version it describes.
     """
 
-    def __init__(self, model: LoadedModel, stamp: tuple[int, int, int] | None, settings: Settings) -> None:
+    def __init__(self, model: ModelVersion, stamp: tuple[int, int, int] | None, settings: Settings) -> None:
         self.model = model
         self.stamp = stamp
         # Made with the version: a package the monitor cannot read is refused when it loads, not when it serves.
@@ -220,7 +220,7 @@ class ModelRegistry:
         )
         return new
 
-    def _load_one(self, name: str, version: str, previous: ServedModel | None) -> LoadedModel:
+    def _load_one(self, name: str, version: str, previous: ServedModel | None) -> ModelVersion:
         path = Path(self.settings.models_dir) / name / version
         old = previous.versions.get(version) if previous else None
         stamp = _fingerprint(path)
@@ -232,11 +232,11 @@ class ModelRegistry:
         self._loading[(name, version)] = self._new_state(model, stamp)
         return model
 
-    def _new_state(self, model: LoadedModel, stamp: tuple[int, int, int] | None) -> VersionState:
+    def _new_state(self, model: ModelVersion, stamp: tuple[int, int, int] | None) -> VersionState:
         return VersionState(model, stamp, self.settings)
 
     def _try(self, name: str, version: str, previous: ServedModel | None, failures: list[dict[str, str]]
-             ) -> LoadedModel | None:
+             ) -> ModelVersion | None:
         try:
             return self._load_one(name, version, previous)
         except Exception as exc:  # PackageError, or anything else: a refusal of this package either way
@@ -305,12 +305,12 @@ class ModelRegistry:
             return self.settings.default_model
         return next(iter(sorted(self._models)), None)
 
-    def kept_state(self, model: LoadedModel) -> VersionState | None:
+    def kept_state(self, model: ModelVersion) -> VersionState | None:
         """The state of a version this registry serves; None for one a reload has replaced or removed."""
         state = self._states.get((model.name, model.version))
         return state if state is not None and state.model is model else None
 
-    def state(self, model: LoadedModel) -> VersionState:
+    def state(self, model: ModelVersion) -> VersionState:
         """The state of a loaded version. A request that chose a version just before a reload replaced or
         removed it gets a state of its own, kept by nobody: what it records goes with it."""
         return self.kept_state(model) or self._new_state(model, None)

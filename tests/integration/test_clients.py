@@ -58,7 +58,7 @@ def triton_client(server):
 
 
 def in_process(iris, X: np.ndarray) -> tuple[list[str], np.ndarray]:
-    labels, probabilities = iris.score(np.asarray(X, dtype=np.float64))
+    labels, probabilities = iris.infer(np.asarray(X, dtype=np.float64))
     return [str(v) for v in labels.tolist()], probabilities
 
 
@@ -112,7 +112,7 @@ def test_triton_regressor(triton_client, demo_models):
     X = np.linspace(-0.05, 0.05, 30).reshape(3, 10)
     result = triton_client.infer("diabetes", [triton_input(X, "FP64", True)],
                                  outputs=[triton.InferRequestedOutput("predict", binary_data=True)])
-    np.testing.assert_array_equal(result.as_numpy("predict").reshape(-1), diabetes.score(X)[0])
+    np.testing.assert_array_equal(result.as_numpy("predict").reshape(-1), diabetes.infer(X)[0])
 
 
 def test_triton_versions(triton_client, iris):

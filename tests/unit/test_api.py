@@ -317,12 +317,12 @@ def test_metrics_expose_request_and_prediction_counts(client):
 
 
 def test_unhandled_errors_are_500_without_a_traceback(make_client, demo_models, monkeypatch, capsys):
-    from app.packages.gate import LoadedModel
+    from app.packages.gate import ModelVersion
 
     def broken(self, X):
         raise RuntimeError("secret internal detail")
 
-    monkeypatch.setattr(LoadedModel, "score", broken)
+    monkeypatch.setattr(ModelVersion, "infer", broken)
     with make_client(demo_models) as c:
         r = c.post(PREDICT, json={"features": IRIS_ROW})
     assert r.status_code == 500

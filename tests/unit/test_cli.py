@@ -251,7 +251,7 @@ def test_score_adds_predictions_and_probabilities(demo_models: Path, iris_csv: P
     ]
     assert len(rows) == 150 and rows[0]["id"] == "id-0"
     model = load_package(demo_models / "iris" / "1")
-    labels, proba = model.score(load_iris().data)
+    labels, proba = model.infer(load_iris().data)
     assert [r["prediction"] for r in rows] == labels.tolist()
     np.testing.assert_allclose([float(r["probability_virginica"]) for r in rows], proba[:, 2])
 
@@ -269,7 +269,7 @@ def test_score_scores_a_regressor(demo_models: Path, tmp_path: Path):
     assert result.returncode == 0, result.stderr
     rows = _read_csv(output)
     assert list(rows[0])[-1] == "prediction" and len(rows) == 25
-    expected, _ = load_package(demo_models / "diabetes" / "1", engine="sklearn").score(data.data[:25])
+    expected, _ = load_package(demo_models / "diabetes" / "1", engine="sklearn").infer(data.data[:25])
     np.testing.assert_allclose([float(r["prediction"]) for r in rows], expected)
 
 
@@ -341,7 +341,7 @@ def test_score_scores_features_named_like_pydantic_attributes(tmp_path: Path):
     output = tmp_path / "out.csv"
     result = mlapi("score", "--package", package, "--input", source, "--output", output)
     assert result.returncode == 0, result.stderr
-    labels, _ = load_package(package).score(X)
+    labels, _ = load_package(package).infer(X)
     assert [r["prediction"] for r in _read_csv(output)] == labels.tolist()
 
 

@@ -12,7 +12,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
 from app.packages.engines import OnnxEngine, SklearnEngine
-from app.packages.gate import LoadedModel, load_package
+from app.packages.gate import ModelVersion, load_package
 
 
 @pytest.fixture(scope="module")
@@ -43,15 +43,15 @@ class CountingForest(RandomForestClassifier):
 def test_onnx_and_sklearn_give_the_same_labels_and_probabilities(demo_models: Path, iris_X: np.ndarray, name: str):
     onnx = load_package(demo_models / name / "1", engine="onnx")
     sk = load_package(demo_models / name / "1", engine="sklearn")
-    onnx_labels, onnx_proba = onnx.score(iris_X)
-    sk_labels, sk_proba = sk.score(iris_X)
+    onnx_labels, onnx_proba = onnx.infer(iris_X)
+    sk_labels, sk_proba = sk.infer(iris_X)
     assert onnx_labels.tolist() == sk_labels.tolist()
     np.testing.assert_allclose(onnx_proba, sk_proba, atol=1e-5, rtol=0)
 
 
 def test_onnx_and_sklearn_give_the_same_regression_values(demo_models: Path, diabetes_X: np.ndarray):
-    onnx_values, onnx_none = load_package(demo_models / "diabetes" / "1", engine="onnx").score(diabetes_X)
-    sk_values, sk_none = load_package(demo_models / "diabetes" / "1", engine="sklearn").score(diabetes_X)
+    onnx_values, onnx_none = load_package(demo_models / "diabetes" / "1", engine="onnx").infer(diabetes_X)
+    sk_values, sk_none = load_package(demo_models / "diabetes" / "1", engine="sklearn").infer(diabetes_X)
     assert onnx_none is None and sk_none is None
     assert onnx_values.dtype == np.float64 and onnx_values.shape == (len(diabetes_X),)
     np.testing.assert_allclose(onnx_values, sk_values, rtol=1e-5)
@@ -60,7 +60,7 @@ def test_onnx_and_sklearn_give_the_same_regression_values(demo_models: Path, dia
 @pytest.mark.parametrize("engine", ["onnx", "sklearn"])
 def test_labels_are_the_most_probable_class(demo_models: Path, iris_X: np.ndarray, engine: str):
     model = load_package(demo_models / "iris" / "1", engine=engine)
-    labels, proba = model.score(iris_X)
+    labels, proba = model.infer(iris_X)
     assert proba.dtype == np.float64 and proba.shape == (len(iris_X), 3)
     assert labels.tolist() == [model.classes[i] for i in np.argmax(proba, axis=1)]
 
@@ -70,8 +70,8 @@ def test_sklearn_engine_scores_a_batch_with_one_predict_proba_call(demo_models: 
     y = np.asarray(packaged.classes)[load_iris().target]
     forest = CountingForest(n_estimators=10, random_state=0).fit(iris_X, y)
     forest.calls = {"predict": 0, "predict_proba": 0}
-    model = LoadedModel(packaged.manifest, packaged.path, SklearnEngine(forest, "classifier"))
-    labels, _ = model.score(iris_X)
+    model = ModelVersion(packaged.manifest, packaged.path, SklearnEngine(forest, "classifier"))
+    labels, _ = model.infer(iris_X)
     assert forest.calls == {"predict": 0, "predict_proba": 1}
     assert labels.tolist() == RandomForestClassifier.predict(forest, iris_X).tolist()
 
@@ -96,7 +96,7 @@ def test_onnx_engine_uses_the_configured_threads_and_the_models_input_type(demo_
 def test_onnx_engine_scores_any_batch_size(demo_models: Path, rows: int):
     model = load_package(demo_models / "iris" / "1", engine="onnx")
     X = np.tile([[5.1, 3.5, 1.4, 0.2]], (rows, 1))
-    labels, proba = model.score(X)
+    labels, proba = model.infer(X)
     assert labels.shape == (rows,) and set(labels.tolist()) == {"setosa"}
     np.testing.assert_allclose(proba.sum(axis=1), 1.0, atol=1e-5)
 

@@ -151,7 +151,7 @@ def test_build_takes_feature_names_from_a_dataframe_fit(tmp_path: Path):
     model = RandomForestClassifier(n_estimators=5, random_state=0).fit(frame, data.target)
     path = build_package(model, name="m", version="1", models_dir=tmp_path, sample=frame)
     assert [f["name"] for f in _manifest(path)["features"]] == IRIS_FEATURES
-    assert load_package(path).score(frame.to_numpy()[:3])[0].tolist() == [0, 0, 0]
+    assert load_package(path).infer(frame.to_numpy()[:3])[0].tolist() == [0, 0, 0]
 
 
 def test_build_refuses_a_name_that_is_not_a_plain_folder_name(tmp_path: Path, small_forest, iris):
