@@ -90,9 +90,9 @@ class ErrorShapes:
     """
 
     def __init__(self, routes: Iterable[BaseRoute]) -> None:
-        self._routes = list(routes)
+        self.routes = list(routes)
         by_segment: dict[str, set[ErrorShape]] = {}
-        for route in self._routes:
+        for route in self.routes:
             path = getattr(route, "path", "")
             by_segment.setdefault(_first_segment(path), set()).add(route_shape(route))
         self._segments = {segment: shapes.pop() for segment, shapes in by_segment.items() if len(shapes) == 1}
@@ -101,7 +101,7 @@ class ErrorShapes:
         if scope.get("type") == "http":
             # As Starlette routes: the first full match, else the first route whose path matches (a 405).
             partial = None
-            for candidate in self._routes:
+            for candidate in self.routes:
                 match, _ = candidate.matches(scope)
                 if match is Match.FULL:
                     return route_shape(candidate)

@@ -17,7 +17,10 @@ import subprocess
 import pytest
 
 from app.api.docs import REDOC_CSP, SWAGGER_UI_CSP
+from app.errors import ErrorShape, route_shape
+from app.main import create_app
 from app.server.middleware import STRICT_CSP_HEADER
+from app.settings import Settings
 from scripts.harness.nginx import ERROR_FIELDS, SERVER_NAME, Response, make_models, running_edge, start_gunicorn
 from scripts.harness.servers import VENV_BIN, free_port, wait_for
 
@@ -307,12 +310,12 @@ def test_health_routes_are_not_rate_limited(edge, source, path):
     assert statuses == {200}
 
 
-def oversized_request(edge, source, request_id=None):
+def oversized_request(edge, source, request_id=None, path="/v1/predict"):
     """Announce a body one byte over 4 MiB; NGINX must answer before reading it."""
     conn = http.client.HTTPSConnection(SERVER_NAME, edge.https_port, context=edge.tls_context(), timeout=10)
     sock = socket.create_connection(("127.0.0.1", edge.https_port), 10, (source, 0))
     conn.sock = conn._context.wrap_socket(sock, server_hostname=SERVER_NAME)
-    conn.putrequest("POST", "/v1/predict")
+    conn.putrequest("POST", path)
     conn.putheader("Content-Type", "application/json")
     conn.putheader("Content-Length", str(4 * 1024 * 1024 + 1))
     if request_id:
@@ -331,6 +334,28 @@ def test_body_over_the_limit_gets_413_json_without_reaching_the_service(edge, so
     assert response.json()["error"]["request_id"] == response.headers["X-Request-ID"]
     assert response.headers["X-Client-Request-ID"] == "too-large-1"
     assert log_entry(edge, "too-large-1", "client_request_id")["upstream_addr"] in ("", "-")
+
+
+def app_routes(models) -> list[tuple[str, ErrorShape]]:
+    """Every route of the app the edge's instances run, as a path with sample parameters, and its error shape."""
+    app = create_app(Settings(models_dir=models, default_model="iris"))
+    routes = app.state.error_shapes.routes
+    return [(route.path.format(name="iris", version="1"), route_shape(route)) for route in routes]
+
+
+def test_nginx_answers_each_route_of_the_app_in_that_routes_error_shape(edge, source):
+    """The site's locations copy the API's URL patterns into regexes. Route by route of the app itself (every
+    model, version and protocol route), an error NGINX makes on its own takes the shape that route's router
+    chose: a route the app adds or moves without its location shows up here."""
+    routes = app_routes(edge.prefix.parent / "models")
+    assert {shape for _, shape in routes} == set(ErrorShape)
+    wrong = {}
+    for path, shape in routes:
+        error = oversized_request(edge, source, path=path).json()["error"]
+        seen = ErrorShape.PROTOCOL if isinstance(error, str) else ErrorShape.SERVICE
+        if seen is not shape:
+            wrong[path] = f"{seen.value}, the route's is {shape.value}"
+    assert not wrong, f"NGINX's 413 is not in the route's error shape (deploy/nginx/sites-available): {wrong}"
 
 
 def test_metrics_are_forbidden_to_other_addresses(edge):
