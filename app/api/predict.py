@@ -358,6 +358,12 @@ def _check_shortcut(route: APIRoute, shortcut: Shortcut) -> None:
     solved = {sub.name: sub.call for sub in dependant.dependencies if sub.name}
     if solved != SHORTCUT_DEPENDENCIES:
         problems.append(f"the endpoint's dependencies are {solved}, the shortcut solves {SHORTCUT_DEPENDENCIES}")
+    # The shortcut validates the whole body as the route's body model: FastAPI must read it so (not embedded
+    # under the parameter's name, not as another type).
+    read_as = route.body_field.field_info.annotation if route.body_field is not None else None
+    if read_as is not shortcut.body_type:
+        problems.append(f"FastAPI reads the body as {getattr(read_as, '__name__', read_as)}, the shortcut as "
+                        f"{shortcut.body_type.__name__}")
     unnamed = tuple(sub.call for sub in dependant.dependencies if not sub.name)
     if unnamed != ROUTER_DEPENDENCIES:
         problems.append(f"the router's dependencies are {unnamed}, the shortcut checks {ROUTER_DEPENDENCIES}")
