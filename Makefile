@@ -41,14 +41,14 @@ venv-python:
 
 # The project itself (the mlapi command) goes in last, editable and without dependencies: the pins of the
 # requirements are the versions, and a change to app/ needs no reinstall.
-$(BIN)/.installed: requirements.txt requirements-dev.txt pyproject.toml $(wildcard tests/client_envs/*.txt)
+$(BIN)/.installed: requirements.txt requirements-dev.txt pyproject.toml $(wildcard scripts/harness/client_envs/*.txt)
 	@test -x $(BIN)/python || test -n "$(PYTHON)" || { echo "make venv: no Python $(HOST_PYTHON) found; install python$(HOST_PYTHON) (with venv; Ubuntu 24.04 has it, elsewhere pyenv) or name one: make venv PYTHON=/path/to/python$(HOST_PYTHON); for hosts of Python 3.11 (Debian 12, Ubuntu 22.04): make venv HOST_PYTHON=3.11" >&2; exit 1; }
 	@test -x $(BIN)/python || $(PYTHON) -c 'import sys; sys.exit(not sys.version.startswith("$(HOST_PYTHON)."))' || { echo "make venv: $(PYTHON) is not Python $(HOST_PYTHON): packages built with it are refused on hosts of Python $(HOST_PYTHON); name a python$(HOST_PYTHON), or set HOST_PYTHON to this one's 3.x" >&2; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -r requirements-dev.txt
 	$(BIN)/pip install -q --no-deps -e .
-	test "$(HOST_PYTHON)" != 3.12 || $(BIN)/python -m tests.client_envs  # the clients' venvs, for the tests
+	test "$(HOST_PYTHON)" != 3.12 || $(BIN)/python -m scripts.harness.client_envs  # the clients' venvs, for the tests and the bench
 	touch $@
 
 models: venv ## train and package the demo models unless they exist and pass the check in this venv

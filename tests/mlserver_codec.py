@@ -12,7 +12,7 @@ import json
 import subprocess
 from typing import Any
 
-from tests.client_envs import client_python
+from scripts.harness.client_envs import client_python
 
 _ENCODE = """
 import json, sys

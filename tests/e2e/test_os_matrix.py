@@ -3,7 +3,7 @@
 The rest of the suite runs on Ubuntu 24.04, the sandbox's default. Here each other OS gets a sandbox of its
 own (its own namespaces, addresses, ACME CA and state), all booted and provisioned at once, each host reached
 as its cloud image's login user with sudo. The model packages are built with the host's own Python feature
-release (the service's check refuses another), in a venv of that Python (tests/client_envs.py). On each host:
+release (the service's check refuses another), in a venv of that Python (scripts/harness/client_envs.py). On each host:
 site.yml from a fresh disk, a second run that changes nothing, an HTTPS prediction with a certificate Pebble
 issued through HTTP-01, the redirect from http://, a renewal dry run, the unit's sandboxing with no option its
 systemd does not know, the firewall, `--check --diff` with no change, and a power cycle that comes back serving
@@ -25,10 +25,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from scripts.harness.client_envs import packager_python
 from scripts.harness.deploy import ROOT, PlaybookRun, https, renewal_command, run_playbook
 from scripts.harness.samples import IRIS
 from scripts.harness.sandbox import Sandbox
-from tests.client_envs import packager_python
 
 pytestmark = pytest.mark.e2e
 

@@ -3,7 +3,7 @@ client (V1 and V2), MLServer's codecs, and a real MLServer side by side on the s
 
 The service is gunicorn with two workers on loopback; every decoded answer is compared with scoring the
 same rows in-process with the same package. The KServe SDK and MLServer run from venvs of their own
-(tests/client_envs.py), in a subprocess.
+(scripts/harness/client_envs.py), in a subprocess.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from sklearn.datasets import load_iris
 from tritonclient.utils import InferenceServerException
 
 from app.packages.gate import load_package
+from scripts.harness.client_envs import client_python, run_script
 from scripts.harness.servers import Process, free_port, gunicorn, wait_for
-from tests.client_envs import client_python, run_script
 
 from edge_service import SERVER_NAME, service_behind_edge
 

@@ -30,9 +30,9 @@ from tritonclient.utils import InferenceServerException
 from app.cli.train_demo import churn_data
 from app.packages.gate import load_package
 from app.packages.manifest import ONNX_TOLERANCE
+from scripts.harness.client_envs import run_script
 from scripts.harness.nginx import SERVER_NAME, running_edge
 from scripts.harness.servers import VENV_BIN, free_port, gunicorn, wait_for
-from tests.client_envs import run_script
 
 from edge_service import service_access_lines
 

@@ -1,4 +1,4 @@
-"""The client venvs' requirements (tests/client_envs/) against the service's own pins."""
+"""The client venvs' requirements (scripts/harness/client_envs/) against the service's own pins."""
 
 from __future__ import annotations
 
@@ -20,10 +20,10 @@ def pins(path: Path) -> dict[str, str]:
 def test_mlserver_loads_the_model_with_the_versions_that_built_it():
     """MLServer must unpickle the same model.joblib: scikit-learn, numpy and joblib as requirements.txt."""
     service = pins(ROOT / "requirements.txt")
-    mlserver = pins(ROOT / "tests" / "client_envs" / "mlserver.txt")
+    mlserver = pins(ROOT / "scripts" / "harness" / "client_envs" / "mlserver.txt")
     for name in ("scikit-learn", "numpy", "joblib"):
         assert mlserver[name] == service[name], (
-            f"tests/client_envs/mlserver.txt pins {name} apart from requirements.txt"
+            f"scripts/harness/client_envs/mlserver.txt pins {name} apart from requirements.txt"
         )
 
 
@@ -36,5 +36,5 @@ def test_every_client_env_is_pinned():
             else:
                 assert "==" in line, f"{requirements.name}: every requirement needs an exact pin, not {line!r}"
 
-    for requirements in (ROOT / "tests" / "client_envs").glob("*.txt"):
+    for requirements in (ROOT / "scripts" / "harness" / "client_envs").glob("*.txt"):
         check(requirements)

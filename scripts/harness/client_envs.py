@@ -2,10 +2,10 @@
 
 The KServe SDK pins older pandas and protobuf, MLServer an older FastAPI and Starlette: neither can
 share the service's venv. Each gets a venv of its own, built from its pinned requirements file in
-tests/client_envs/ and kept per machine (``$MLAPI_CLIENT_ENVS``, default ~/.cache/mlapi/client-envs), so
-a fresh clone reuses it; it is rebuilt when that file or the base interpreter changes. The tests run
-those clients in a subprocess. `make venv` builds them too (``python -m tests.client_envs``), so a clean machine has
-them before the first test.
+scripts/harness/client_envs/ and kept per machine (``$MLAPI_CLIENT_ENVS``, default ~/.cache/mlapi/client-envs), so
+a fresh clone reuses it; it is rebuilt when a requirement in that file or the base interpreter changes (not a
+comment). The tests and the bench (MLServer as a contender) run them in a subprocess. `make venv` builds them too
+(``python -m scripts.harness.client_envs``), so a clean machine has them before the first test.
 """
 
 from __future__ import annotations
@@ -19,8 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-REQUIREMENTS = ROOT / "tests" / "client_envs"
+REQUIREMENTS = Path(__file__).resolve().parent / "client_envs"
 CACHE = Path(os.environ.get("MLAPI_CLIENT_ENVS") or Path.home() / ".cache" / "mlapi" / "client-envs")
 NAMES = ("kserve", "mlserver")
 
@@ -31,9 +30,11 @@ def _base_python() -> str:
 
 
 def _requirements_bytes(requirements: Path) -> bytes:
-    """The file and every file it includes with -r, so that a change to any of them rebuilds the venv."""
-    data = requirements.read_bytes()
-    for line in data.decode().splitlines():
+    """The requirements of the file and of every file it includes with -r, so that a change to any of them
+    rebuilds the venv; comments and blank lines are left out, so rewording one does not."""
+    lines = [line.split(" #", 1)[0].strip() for line in requirements.read_text().splitlines()]
+    data = "\n".join(line for line in lines if line and not line.startswith("#")).encode()
+    for line in lines:
         if line.startswith("-r "):
             data += _requirements_bytes((requirements.parent / line[3:].strip()).resolve())
     return data
