@@ -49,8 +49,8 @@ class MLServer(Process):
 
     def wait_ready(self, timeout: float = 180) -> None:
         def ready() -> bool:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mlserver exited with {self.proc.returncode}:\n{self.output()[-3000:]}")
+            # An AssertionError ends wait_for at once: the process is gone and will never be ready.
+            assert self.proc.poll() is None, f"mlserver exited with {self.proc.returncode}:\n{self.output()[-3000:]}"
             try:
                 return all(httpx.get(f"{self.url}/v2/models/{m}/ready", timeout=2).status_code == 200
                            for m in self.models)

@@ -21,6 +21,7 @@ bench/results/latest.md (the tables, also printed) and the PNG plots.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import pickle
@@ -226,7 +227,7 @@ class Stack:
         wait_answering(self.ceiling, self.endpoint("ceiling", None).url, body)
         self.mlserver.wait_ready()
         for package in MODELS.values():  # the same answer as the kit's, or no figure at all
-            check_same_answers(self.kit.url, self.mlserver, package, batch_values(10), list(FEATURES))
+            check_same_answers(self.kit.url, self.mlserver, package, batch_values(150)[::15], list(FEATURES))
 
     def body(self, contender: str, size: int | None = None) -> bytes:
         """What a contender is sent: one row, or a batch of ``size`` rows, in the form it takes."""
@@ -294,7 +295,7 @@ def batch_values(size: int) -> list[list[float]]:
 
 def wrk(endpoint: Endpoint, body: bytes, connections: int, duration: float, workdir: Path) -> dict:
     """One bounded wrk run; requests/s and latency percentiles in ms."""
-    body_file = workdir / f"body-{len(body)}.json"
+    body_file = workdir / f"body-{hashlib.sha256(body).hexdigest()[:16]}.json"
     if not body_file.exists():
         body_file.write_bytes(body)
     argv = ["wrk", f"-t{min(2, connections)}", f"-c{connections}", f"-d{duration}s", "--timeout", "10s",
@@ -424,12 +425,15 @@ def figure_peer_memory(stack: Stack) -> dict:
     """PSS in MB of each serving stack as it stands after the load figures, every process of it summed: the
     kit's gunicorn (master and workers) and MLServer's (front process and its workers), same models."""
     def tree_pss_mb(root: int) -> float:
-        pids, stack_ = [], [root]
-        while stack_:
-            pid = stack_.pop()
-            pids.append(pid)
-            stack_.extend(children(pid))
-        return sum(pss_kib(pid) for pid in pids) / 1024
+        total, pending = 0, [root]
+        while pending:
+            pid = pending.pop()
+            try:
+                pending.extend(children(pid))
+                total += pss_kib(pid)
+            except (FileNotFoundError, ProcessLookupError):  # a worker recycled meanwhile: its successor counts
+                continue
+        return total / 1024
 
     return {"kit-direct": tree_pss_mb(stack.kit.pid), "mlserver": tree_pss_mb(stack.mlserver.pid)}
 

@@ -14,8 +14,9 @@ from scripts.harness.servers import mlapi
 def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
     """How pytest-xdist shares the tests between its processes (``make test`` runs two): the sandbox tests share
     hosts and an order (tests/e2e/conftest.py), so all of them go to one process, in that order; every other module
-    goes whole to one process, so its module fixtures (servers, NGINX, built packages) start once. The biggest unit
-    of work, the sandbox tests, is handed out first.
+    goes whole to one process, so its module fixtures (servers, NGINX, built packages) start once. xdist hands out
+    the units with the most tests first, one per process: the sandbox tests, the largest or the second largest,
+    start at once.
 
     A scheduler of our own rather than ``--dist loadgroup``: its marks rename a test's nodeid, which pytest 9 no
     longer lets a plugin do, so every test ended up in a group of its own."""

@@ -1,4 +1,4 @@
-"""MLServer's own PandasCodec, run in MLServer's venv (tests/client_envs.py, made by `make venv`).
+"""MLServer's own PandasCodec, run in MLServer's venv (scripts/harness/client_envs.py, made by `make venv`).
 
     body = pandas_codec_request(frame)  # the /v2 JSON body MLServer's clients send for this DataFrame
 

@@ -318,7 +318,7 @@ class InputSchema:
 
 def reference_row(features: Sequence[Any], reference: dict[str, dict[str, Any]]) -> list[Any]:
     """A typical row of the reference sample: each number's mean (rounded for an int or a bool), each string
-    feature's most common category. PredictionResult by the gate, shown as the example of a request."""
+    feature's most common category. Run by the gate, shown as the example of a request."""
     row: list[Any] = []
     for f in features:
         stats = reference.get(f.name) or {}

@@ -113,7 +113,8 @@ class VersionState:
     drift monitor and the rows seen since its gauges were refreshed (app/serving/inference.py), its measured
     single-row cost, which decides whether a row is scored on the event loop, and its metric series: predictions
     by label, drift by feature and the loaded gauge. The registry makes one when it loads a version and drops it
-    with the version, so nothing outlives the version it describes.
+    with the version. A dropped version's loaded gauge is set to 0; its other series stay exported until the
+    process ends (a reload under gunicorn replaces the workers).
     """
 
     def __init__(self, model: ModelVersion, stamp: tuple[int, int, int] | None, settings: Settings) -> None:

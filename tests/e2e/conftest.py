@@ -13,7 +13,8 @@ from scripts.harness.sandbox import Sandbox
 # so they never take away hosts that a provisioned fixture still relies on; the cluster tests replace the
 # shared single host with three hosts, so they run after every other test. The rebuild tests throw the
 # shared host's disk away (and provision it again), so they come after the other single-host tests. The OS
-# matrix has sandboxes of its own and comes last, so that its hosts never share the machine with a load test.
+# matrix has sandboxes of its own and comes last, so that its hosts never share the machine with a sandbox load
+# test (under `make test` the other pytest process may still run integration tests beside them).
 LIFECYCLE_TESTS = ("tests/e2e/test_sandbox_lifecycle.py::",)
 REBUILD_TESTS = ("tests/e2e/test_deploy_tls_rebuild.py::",)
 CLUSTER_TESTS = ("tests/e2e/test_cluster.py::",)
