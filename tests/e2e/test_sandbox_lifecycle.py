@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from scripts.harness.sandbox import Sandbox
-from scripts.sandbox.lab import LAB_NS, PREFIX, STATE_DIR, host_name
+from scripts.sandbox.lab import LAB_NS, PREFIX, STATE_DIR, host_name, load_config, retry_failed_units
 
 pytestmark = pytest.mark.e2e
 
@@ -69,8 +69,41 @@ def test_up_leaves_the_callers_network_unchanged(own_sandbox: Sandbox, network_b
 
 @pytest.mark.parametrize("host", [host_name(1), host_name(2)])
 def test_each_host_boots_systemd_as_pid_1_to_running(own_sandbox: Sandbox, host: str) -> None:
-    result = own_sandbox.ssh(host, "ps -o comm= -p 1; systemctl is-system-running --wait; systemctl --failed --plain")
+    result = own_sandbox.ssh(host, "ps -o comm= -p 1; systemctl is-system-running --wait; systemctl --failed --plain;"
+                                   " journalctl -b -p warning --no-pager -n 40")
     assert result.stdout.split()[:2] == ["systemd", "running"], result.stdout
+
+
+FAILS_ONCE = """[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=/bin/sh -c 'test -e /run/fails-once || { touch /run/fails-once; echo the first start fails; exit 1; }'
+"""
+
+
+def test_a_unit_that_failed_on_a_fresh_host_is_started_once_more_and_its_journal_kept(own_sandbox: Sandbox) -> None:
+    host = own_sandbox.hosts[1]
+    cfg = load_config()
+    assert cfg is not None
+    own_sandbox.ssh(host, "cat > /etc/systemd/system/fails-once.service", input=FAILS_ONCE, check=True)
+    own_sandbox.ssh(host, "cat > /etc/systemd/system/fails-always.service; systemctl daemon-reload",
+                    input="[Service]\nType=oneshot\nExecStart=/bin/false\n", check=True)
+    try:
+        assert own_sandbox.ssh(host, "systemctl start fails-once.service").returncode != 0
+        assert own_sandbox.ssh(host, "systemctl is-system-running").stdout.strip() == "degraded"
+
+        assert retry_failed_units(cfg, cfg.host(host.name)) == "running"
+        log = cfg.path("logs", f"{host.name}.log").read_text(errors="replace")
+        assert f"{host.name} booted degraded; failed units: fails-once.service" in log
+        assert "the first start fails" in log  # the unit's journal is kept in the host's log
+        assert f"{host.name}: started fails-once.service again; systemd is running" in log
+
+        assert own_sandbox.ssh(host, "systemctl start fails-always.service").returncode != 0
+        assert retry_failed_units(cfg, cfg.host(host.name)) == "degraded"
+    finally:
+        own_sandbox.ssh(host, "systemctl stop fails-once.service; rm -f /etc/systemd/system/fails-*.service"
+                              " /run/fails-once; systemctl daemon-reload; systemctl reset-failed", check=True)
+    assert own_sandbox.ssh(host, "systemctl is-system-running").stdout.strip() == "running"
 
 
 def test_a_hosts_firewall_filters_its_own_namespace_only(own_sandbox: Sandbox) -> None:
