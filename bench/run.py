@@ -6,9 +6,10 @@
 
 Everything runs on loopback and every process started here is stopped by its PID.
 Contenders: kit-https (NGINX rendered by the nginx role, TLS, in front of the
-service's gunicorn), kit-direct (that gunicorn), mlserver (MLServer's scikit-learn
-runtime on the same model.joblib files, bench/peers.py), tutorial
-(bench/tutorial_app.py under one uvicorn process) and ceiling
+service's gunicorn), kit-direct (that gunicorn), the peers on the same model.joblib files
+(bench/peers.py: mlserver, MLServer's scikit-learn runtime with as many parallel workers as the
+kit has workers; mlserver-default, the same with MLServer's default settings; bentoml, a BentoML
+service with as many workers), tutorial (bench/tutorial_app.py under one uvicorn process) and ceiling
 (bench/ceiling_app.py under the service's gunicorn settings). They run interleaved, one after the other, in every round;
 figures are medians over the rounds. The service keeps its JSON access log on
 (written to a file) and runs with MLAPI_RATE_LIMIT_ENABLED=false; the NGINX edge
@@ -41,7 +42,7 @@ import httpx
 import numpy as np
 
 from bench.paced import paced
-from bench.peers import MLServer, check_same_answers, mlserver_body
+from bench.peers import BentoML, MLServer, Peer, check_same_answers
 from scripts.harness import nginx
 from scripts.harness.samples import IRIS_ROW
 from scripts.harness.servers import ROOT, VENV_BIN, Gunicorn, Process, free_port, mlapi, wait_for
@@ -55,7 +56,9 @@ SERVICE_CONF = ROOT / "app" / "gunicorn_conf.py"
 # The two demo models on the same iris data: name in the figures -> package name.
 MODELS = {"rf": "iris", "logreg": "iris-logreg"}
 KIT_SINGLE_PATH = {"rf": "/v1/predict", "logreg": "/v1/models/iris-logreg/predict"}
-CONTENDERS = ("kit-https", "kit-direct", "mlserver", "tutorial", "ceiling")
+PEERS = ("mlserver", "mlserver-default", "bentoml")
+PEER_LABELS = {"mlserver": "MLServer", "mlserver-default": "MLServer (default settings)", "bentoml": "BentoML"}
+CONTENDERS = ("kit-https", "kit-direct", *PEERS, "tutorial", "ceiling")
 PACED = (("kit-https", "rf"), ("kit-https", "logreg"), ("kit-direct", "rf"), ("tutorial", "rf"), ("ceiling", None))
 FEATURES = tuple(IRIS_ROW)
 EDGE_NAME = "localhost"
@@ -202,9 +205,13 @@ class Stack:
 
     def _start(self, models_dir: Path, workdir: Path, profile: Profile) -> None:
         # The slowest to start, so first.
-        self.mlserver = MLServer({package: models_dir / package / "1" / "model.joblib" for package in MODELS.values()},
-                                 profile.workers, workdir, workdir / "mlserver.log")
-        self.processes.append(self.mlserver)
+        files = {package: models_dir / package / "1" / "model.joblib" for package in MODELS.values()}
+        self.peers: dict[str, Peer] = {}
+        for peer in (MLServer("mlserver", files, profile.workers, workdir, workdir / "mlserver.log"),
+                     MLServer("mlserver-default", files, None, workdir, workdir / "mlserver-default.log"),
+                     BentoML(files, profile.workers, workdir, workdir / "bentoml.log")):
+            self.processes.append(peer)
+            self.peers[peer.name] = peer
         self.kit = service(models_dir, profile.workers, workdir / "kit.log", MLAPI_DEFAULT_MODEL="iris")
         self.processes.append(self.kit)
         self.ceiling = ceiling(profile.workers, workdir / "ceiling.log")
@@ -225,14 +232,15 @@ class Stack:
             https = self.endpoint("kit-https", model)
             wait_answering(self.kit, https.url, body, host=https.host, verify=self.cafile)
         wait_answering(self.ceiling, self.endpoint("ceiling", None).url, body)
-        self.mlserver.wait_ready()
-        for package in MODELS.values():  # the same answer as the kit's, or no figure at all
-            check_same_answers(self.kit.url, self.mlserver, package, batch_values(150)[::15], list(FEATURES))
+        for peer in self.peers.values():
+            peer.wait_ready()
+            for package in MODELS.values():  # the same answer as the kit's, or no figure at all
+                check_same_answers(self.kit.url, peer, package, batch_values(150)[::15], list(FEATURES))
 
-    def body(self, contender: str, size: int | None = None) -> bytes:
-        """What a contender is sent: one row, or a batch of ``size`` rows, in the form it takes."""
-        if contender == "mlserver":
-            return mlserver_body(batch_values(size or 1))
+    def body(self, contender: str, model: str, size: int | None = None) -> bytes:
+        """What a contender is sent for a model: one row, or a batch of ``size`` rows, in the form it takes."""
+        if contender in self.peers:
+            return self.peers[contender].body(MODELS[model], batch_values(size or 1))
         return batch_body(size) if size else single_body()
 
     def endpoint(self, contender: str, model: str | None, batch: bool = False) -> Endpoint:
@@ -240,8 +248,9 @@ class Stack:
             return Endpoint(contender, self.ceiling.port, "/v1/predict")
         if contender == "tutorial":
             return Endpoint(contender, self.tutorials[model].port, "/v1/predict")  # type: ignore[attr-defined]
-        if contender == "mlserver":
-            return Endpoint(contender, self.mlserver.port, self.mlserver.path(MODELS[model]))  # type: ignore[index]
+        if contender in self.peers:
+            peer = self.peers[contender]
+            return Endpoint(contender, peer.port, peer.path(MODELS[model]))  # type: ignore[index]
         path = KIT_SINGLE_PATH[model] + ("/batch" if batch else "")  # type: ignore[index]
         if contender == "kit-direct":
             return Endpoint(contender, self.kit.port, path)
@@ -254,8 +263,8 @@ class Stack:
             return [self.ceiling.pid]
         if contender == "tutorial":
             return [self.tutorials[model].pid]  # type: ignore[index]
-        if contender == "mlserver":
-            return [self.mlserver.pid]
+        if contender in self.peers:
+            return [self.peers[contender].pid]
         if contender == "kit-direct":
             return [self.kit.pid]
         assert self.edge is not None and self.edge.process is not None
@@ -337,14 +346,14 @@ def median_of(runs: list[dict], key: str) -> float:
 def figure_single(stack: Stack, profile: Profile, workdir: Path, warnings: list[str]) -> dict:
     """Figure 1: single-row requests/s, p50 and p99 at fixed connection counts, contenders interleaved."""
     runs: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
-    order = [(c, m) for m in MODELS for c in ("kit-https", "kit-direct", "mlserver", "tutorial")] + [("ceiling", None)]
+    order = [(c, m) for m in MODELS for c in ("kit-https", "kit-direct", *PEERS, "tutorial")] + [("ceiling", None)]
     for round_index in range(profile.rounds):
         for connections in profile.connections:
             for contender, model in rotated(order, round_index):
                 endpoint = stack.endpoint(contender, model)
                 roots = stack.server_pids(contender, model)
                 cpu_before = cpu_seconds(roots)
-                result = wrk(endpoint, stack.body(contender), connections, profile.duration, workdir)
+                result = wrk(endpoint, stack.body(contender, model or "rf"), connections, profile.duration, workdir)
                 result["cpu_ms_per_request"] = (cpu_seconds(roots) - cpu_before) * 1000 / max(1, result["requests"])
                 key = model or "any"
                 if result["errors"]:
@@ -391,7 +400,7 @@ def figure_batch(stack: Stack, models_dir: Path, profile: Profile, workdir: Path
     runs: dict = defaultdict(lambda: defaultdict(list))
     cpu: dict = defaultdict(lambda: defaultdict(list))
     model_file = models_dir / MODELS["rf"] / "1" / "model.joblib"
-    order = ["kit-https", "kit-direct", "mlserver", "sklearn-inprocess"]
+    order = ["kit-https", "kit-direct", *PEERS, "sklearn-inprocess"]
     for round_index in range(profile.rounds):
         for size in profile.batch_sizes:
             for contender in rotated(order, round_index):
@@ -401,8 +410,8 @@ def figure_batch(stack: Stack, models_dir: Path, profile: Profile, workdir: Path
                     endpoint = stack.endpoint(contender, "rf", batch=True)
                     roots = stack.server_pids(contender, "rf")
                     cpu_before = cpu_seconds(roots)
-                    result = wrk(endpoint, stack.body(contender, size), profile.batch_connections, profile.duration,
-                                 workdir)
+                    result = wrk(endpoint, stack.body(contender, "rf", size), profile.batch_connections,
+                                 profile.duration, workdir)
                     cpu[str(size)][contender].append(
                         (cpu_seconds(roots) - cpu_before) * 1000 / max(1, result["requests"]))
                     if result["errors"]:
@@ -423,7 +432,8 @@ def figure_batch(stack: Stack, models_dir: Path, profile: Profile, workdir: Path
 
 def figure_peer_memory(stack: Stack) -> dict:
     """PSS in MB of each serving stack as it stands after the load figures, every process of it summed: the
-    kit's gunicorn (master and workers) and MLServer's (front process and its workers), same models."""
+    kit's gunicorn (master and workers), MLServer's (front process and its workers), BentoML's (its serve
+    process, the arbiter and the workers), same models."""
     def tree_pss_mb(root: int) -> float:
         total, pending = 0, [root]
         while pending:
@@ -435,7 +445,7 @@ def figure_peer_memory(stack: Stack) -> dict:
                 continue
         return total / 1024
 
-    return {"kit-direct": tree_pss_mb(stack.kit.pid), "mlserver": tree_pss_mb(stack.mlserver.pid)}
+    return {"kit-direct": tree_pss_mb(stack.kit.pid), **{name: tree_pss_mb(p.pid) for name, p in stack.peers.items()}}
 
 
 def figure_paced(stack: Stack, single: dict, profile: Profile, warnings: list[str]) -> dict:
@@ -682,6 +692,11 @@ def _frame(frame: str) -> str:
 # Report --------------------------------------------------------------------------------------------------------
 
 
+def _key(contender: str) -> str:
+    """A contender's name as part of a ratio's key: mlserver-default -> mlserver_default."""
+    return contender.replace("-", "_")
+
+
 def ratios_and_targets(results: dict, profile: Profile) -> tuple[dict, list[dict]]:
     single, batch, paced_fig, memory = results["single"], results["batch"], results["paced"], results["memory"]
     ratios: dict[str, float] = {}
@@ -696,8 +711,8 @@ def ratios_and_targets(results: dict, profile: Profile) -> tuple[dict, list[dict
         for c in map(str, profile.connections):
             row = single[model][c]
             for a, b in (("kit-https", "tutorial"), ("kit-direct", "tutorial"), ("kit-direct", "ceiling"),
-                         ("kit-https", "kit-direct"), ("kit-https", "ceiling"), ("kit-direct", "mlserver"),
-                         ("kit-https", "mlserver")):
+                         ("kit-https", "kit-direct"), ("kit-https", "ceiling"),
+                         *((kit, peer) for peer in PEERS for kit in ("kit-direct", "kit-https"))):
                 key = f"{model}_c{c}_{a.replace('-', '_')}_over_{b.replace('-', '_')}"
                 ratios[key] = row[a]["rps"] / row[b]["rps"]
                 ratios[f"{model}_c{c}_cpu_per_request_{a.replace('-', '_')}_over_{b.replace('-', '_')}"] = (
@@ -709,29 +724,33 @@ def ratios_and_targets(results: dict, profile: Profile) -> tuple[dict, list[dict
                    0.5, f"{model} single row c{c}: kit-direct / ceiling req/s")
             target(f"{model}_c{c}_kit_https_over_kit_direct", ratios[f"{model}_c{c}_kit_https_over_kit_direct"],
                    ">=", 0.8, f"{model} single row c{c}: kit-https / kit-direct req/s")
-            target(f"{model}_c{c}_kit_direct_over_mlserver", ratios[f"{model}_c{c}_kit_direct_over_mlserver"], ">=",
-                   10.0 if model == "rf" else 3.0, f"{model} single row c{c}: kit-direct / MLServer req/s")
+            for peer in PEERS:
+                k = f"{model}_c{c}_kit_direct_over_{_key(peer)}"
+                target(k, ratios[k], ">=", 10.0 if model == "rf" else 3.0,
+                       f"{model} single row c{c}: kit-direct / {PEER_LABELS[peer]} req/s")
     for size in map(str, profile.batch_sizes):
         reference = batch[size]["sklearn-inprocess"]["rows_per_s"]
         for contender in ("kit-https", "kit-direct"):
             ratios[f"rf_batch{size}_{contender.replace('-', '_')}_over_sklearn"] = (
                 batch[size][contender]["rows_per_s"] / reference)
-            ratios[f"rf_batch{size}_{contender.replace('-', '_')}_over_mlserver"] = (
-                batch[size][contender]["rows_per_s"] / batch[size]["mlserver"]["rows_per_s"])
-            ratios[f"rf_batch{size}_cpu_per_batch_{contender.replace('-', '_')}_over_mlserver"] = (
-                batch[size][contender]["cpu_ms_per_batch"] / batch[size]["mlserver"]["cpu_ms_per_batch"])
+            for peer in PEERS:
+                ratios[f"rf_batch{size}_{_key(contender)}_over_{_key(peer)}"] = (
+                    batch[size][contender]["rows_per_s"] / batch[size][peer]["rows_per_s"])
+                ratios[f"rf_batch{size}_cpu_per_batch_{_key(contender)}_over_{_key(peer)}"] = (
+                    batch[size][contender]["cpu_ms_per_batch"] / batch[size][peer]["cpu_ms_per_batch"])
     largest = str(max(profile.batch_sizes))
     target(f"rf_batch{largest}_kit_https_over_sklearn", ratios[f"rf_batch{largest}_kit_https_over_sklearn"], ">=",
            1.0, f"rf batch of {largest} rows: kit-https rows/s / in-process predict_proba rows/s")
-    target(f"rf_batch{largest}_kit_https_over_mlserver", ratios[f"rf_batch{largest}_kit_https_over_mlserver"], ">=",
-           2.0, f"rf batch of {largest} rows: kit-https rows/s / MLServer rows/s")
-    target(f"rf_batch{largest}_cpu_per_batch_kit_https_over_mlserver",
-           ratios[f"rf_batch{largest}_cpu_per_batch_kit_https_over_mlserver"], "<=", 0.5,
-           f"rf batch of {largest} rows: kit-https server CPU per batch / MLServer's")
     peers = results["peer_memory"]
-    ratios["memory_kit_over_mlserver"] = peers["kit-direct"] / peers["mlserver"]
-    target("memory_kit_over_mlserver", ratios["memory_kit_over_mlserver"], "<=", 0.8,
-           f"PSS of the kit ({profile.workers} workers) / MLServer's (parallel_workers {profile.workers}), same models")
+    for peer in PEERS:
+        k = f"rf_batch{largest}_kit_https_over_{_key(peer)}"
+        target(k, ratios[k], ">=", 2.0, f"rf batch of {largest} rows: kit-https rows/s / {PEER_LABELS[peer]} rows/s")
+        k = f"rf_batch{largest}_cpu_per_batch_kit_https_over_{_key(peer)}"
+        target(k, ratios[k], "<=", 0.5, f"rf batch of {largest} rows: kit-https server CPU per batch / "
+               f"{PEER_LABELS[peer]}'s")
+        ratios[f"memory_kit_over_{_key(peer)}"] = peers["kit-direct"] / peers[peer]
+        target(f"memory_kit_over_{_key(peer)}", ratios[f"memory_kit_over_{_key(peer)}"], "<=", 0.8,
+               f"PSS of the kit ({profile.workers} workers) / {PEER_LABELS[peer]}'s, same models")
     for key in ("kit-https/rf", "kit-https/logreg"):
         ratios[f"{key.replace('-', '_').replace('/', '_')}_half_peak_p99_ms"] = paced_fig[key]["p99_ms"]
         target(f"{key.replace('-', '_').replace('/', '_')}_half_peak_p99_ms", paced_fig[key]["p99_ms"], "<=", 5.0,
@@ -764,8 +783,8 @@ def markdown(results: dict) -> str:
         "## 1. Single row: requests/s (p50 / p99 ms)",
         "",
         "| model | connections | " + " | ".join(CONTENDERS)
-        + " | https/tutorial | direct/ceiling | https/direct | direct/mlserver |",
-        "|---|---|" + "---|" * (len(CONTENDERS) + 4),
+        + " | https/tutorial | direct/ceiling | https/direct | " + " | ".join(f"direct/{p}" for p in PEERS) + " |",
+        "|---|---|" + "---|" * (len(CONTENDERS) + 3 + len(PEERS)),
     ]
     ratios = results["ratios"]
     for model, by_c in results["single"].items():
@@ -775,7 +794,8 @@ def markdown(results: dict) -> str:
                        f"{ratios[f'{model}_c{c}_kit_https_over_tutorial']:.1f}× | "
                        f"{ratios[f'{model}_c{c}_kit_direct_over_ceiling']:.2f}× | "
                        f"{ratios[f'{model}_c{c}_kit_https_over_kit_direct']:.2f}× | "
-                       f"{ratios[f'{model}_c{c}_kit_direct_over_mlserver']:.1f}× |")
+                       + " | ".join(f"{ratios[f'{model}_c{c}_kit_direct_over_{_key(p)}']:.1f}×" for p in PEERS)
+                       + " |")
     out += ["", "Server CPU per request, ms (all processes of the contender, NGINX included for kit-https; "
             "independent of what else the machine runs):", "",
             "| model | connections | " + " | ".join(CONTENDERS) + " | direct/ceiling |",
@@ -785,15 +805,16 @@ def markdown(results: dict) -> str:
             out.append(f"| {model} | {c} | " + " | ".join(f"{row[x]['cpu_ms_per_request']:.3f}" for x in CONTENDERS)
                        + f" | {ratios[f'{model}_c{c}_cpu_per_request_kit_direct_over_ceiling']:.1f}× |")
     out += ["", f"## 2. Batches, RandomForest: rows/s ({meta['batch_connections']} connections)", "",
-            "| rows per request | kit-https | kit-direct | mlserver | in-process predict_proba | https/in-process | "
-            "https/mlserver | CPU ms per batch: kit-https / kit-direct / mlserver |",
-            "|---|---|---|---|---|---|---|---|"]
+            "| rows per request | kit-https | kit-direct | " + " | ".join(PEERS) + " | in-process predict_proba | "
+            "https/in-process | " + " | ".join(f"https/{p}" for p in PEERS)
+            + " | CPU ms per batch: " + " / ".join(("kit-https", "kit-direct", *PEERS)) + " |",
+            "|---|" + "---|" * (5 + 2 * len(PEERS))]
     for size, row in results["batch"].items():
-        out.append(f"| {size} | {row['kit-https']['rows_per_s']:.0f} | {row['kit-direct']['rows_per_s']:.0f} | "
-                   f"{row['mlserver']['rows_per_s']:.0f} | {row['sklearn-inprocess']['rows_per_s']:.0f} | "
-                   f"{ratios[f'rf_batch{size}_kit_https_over_sklearn']:.2f}× | "
-                   f"{ratios[f'rf_batch{size}_kit_https_over_mlserver']:.2f}× | "
-                   + " / ".join(f"{row[c]['cpu_ms_per_batch']:.2f}" for c in ("kit-https", "kit-direct", "mlserver"))
+        out.append(f"| {size} | " + " | ".join(f"{row[c]['rows_per_s']:.0f}" for c in ("kit-https", "kit-direct",
+                                                                                     *PEERS, "sklearn-inprocess"))
+                   + f" | {ratios[f'rf_batch{size}_kit_https_over_sklearn']:.2f}× | "
+                   + " | ".join(f"{ratios[f'rf_batch{size}_kit_https_over_{_key(p)}']:.2f}×" for p in PEERS) + " | "
+                   + " / ".join(f"{row[c]['cpu_ms_per_batch']:.2f}" for c in ("kit-https", "kit-direct", *PEERS))
                    + " |")
     out += ["", "## 3. Latency at half of each contender's peak (open loop, 16 connections)", "",
             "| contender/model | offered req/s | achieved req/s | p50 ms | p99 ms | p99.9 ms |",
@@ -811,8 +832,9 @@ def markdown(results: dict) -> str:
                    f"{n['total_pss_mb']:.0f} |")
     peers = results["peer_memory"]
     out += ["", f"PSS of the serving stacks after the load figures, same demo models, {meta['workers']} workers each: "
-            f"kit {peers['kit-direct']:.0f} MB, MLServer {peers['mlserver']:.0f} MB "
-            f"({ratios['memory_kit_over_mlserver']:.2f}×)."]
+            f"kit {peers['kit-direct']:.0f} MB, "
+            + ", ".join(f"{PEER_LABELS[p]} {peers[p]:.0f} MB (kit/peer {ratios[f'memory_kit_over_{_key(p)}']:.2f}×)"
+                        for p in PEERS) + "."]
     prov = results["provisioning"]
     out += ["", "## 5. Provisioning", ""]
     if prov["status"] == "measured":
@@ -874,7 +896,7 @@ def plots(results: dict, directory: Path) -> list[str]:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     sizes = list(results["batch"])
-    for contender in ("kit-https", "kit-direct", "mlserver", "sklearn-inprocess"):
+    for contender in ("kit-https", "kit-direct", *PEERS, "sklearn-inprocess"):
         ax.plot([int(s) for s in sizes], [results["batch"][s][contender]["rows_per_s"] for s in sizes], "o-",
                 label=contender)
     ax.set_xscale("log")
@@ -974,7 +996,7 @@ def main(argv: list[str] | None = None) -> int:
             # Warm every contender once so first-request costs do not land in round 1.
             for contender in CONTENDERS if profile.warmup else ():
                 for model in MODELS:
-                    wrk(stack.endpoint(contender, model), stack.body(contender), 16, 1, workdir)
+                    wrk(stack.endpoint(contender, model), stack.body(contender, model), 16, 1, workdir)
             results["single"] = figure_single(stack, profile, workdir, results["warnings"])
             results["batch"] = figure_batch(stack, models_dir, profile, workdir, results["warnings"])
             results["paced"] = figure_paced(stack, results["single"], profile, results["warnings"])

@@ -1,11 +1,12 @@
 """Virtual environments for the client libraries whose pins conflict with the service's own.
 
-The KServe SDK pins older pandas and protobuf, MLServer an older FastAPI and Starlette: neither can
-share the service's venv. Each gets a venv of its own, built from its pinned requirements file in
-scripts/harness/client_envs/ and kept per machine (``$MLAPI_CLIENT_ENVS``, default ~/.cache/mlapi/client-envs), so
-a fresh clone reuses it; it is rebuilt when a requirement in that file or the base interpreter changes (not a
-comment). The tests and the bench (MLServer as a contender) run them in a subprocess. `make venv` builds them too
-(``python -m scripts.harness.client_envs``), so a clean machine has them before the first test.
+The KServe SDK pins older pandas and protobuf, MLServer an older FastAPI and Starlette, BentoML its own
+Starlette and uvicorn: none can share the service's venv. Each gets a venv of its own, built from its pinned
+requirements file in scripts/harness/client_envs/ and kept per machine (``$MLAPI_CLIENT_ENVS``, default
+~/.cache/mlapi/client-envs), so a fresh clone reuses it; it is rebuilt when a requirement in that file or the base
+interpreter changes (not a comment). The tests and the bench (MLServer and BentoML as contenders) run them in a
+subprocess. `make venv` builds them too (``python -m scripts.harness.client_envs``), so a clean machine has them
+before the first test.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 
 REQUIREMENTS = Path(__file__).resolve().parent / "client_envs"
 CACHE = Path(os.environ.get("MLAPI_CLIENT_ENVS") or Path.home() / ".cache" / "mlapi" / "client-envs")
-NAMES = ("kserve", "mlserver")
+NAMES = ("kserve", "mlserver", "bentoml")
 
 
 def _base_python() -> str:
@@ -87,14 +88,14 @@ def client_python(name: str, requirements: Path | None = None, base: str | None 
     return python
 
 
-if __name__ == "__main__":
-    for env in sys.argv[1:] or NAMES:
-        print(client_python(env))
-
-
 def run_script(name: str, script: Path, *args: str) -> dict:
     """Run ``script`` with the python of client venv ``name``; the one JSON object it prints."""
     result = subprocess.run([str(client_python(name)), str(script), *args],
                             check=False, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout)
+
+
+if __name__ == "__main__":
+    for env in sys.argv[1:] or NAMES:
+        print(client_python(env))

@@ -20,17 +20,21 @@ pytestmark = pytest.mark.integration
 
 MODELS = ["rf", "logreg"]
 CONNECTIONS = ["16", "64"]
-CONTENDERS = ["kit-https", "kit-direct", "mlserver", "tutorial", "ceiling"]
+PEERS = ["mlserver", "mlserver-default", "bentoml"]
+PEER_KEYS = [p.replace("-", "_") for p in PEERS]
+CONTENDERS = ["kit-https", "kit-direct", *PEERS, "tutorial", "ceiling"]
 BATCH_SIZES = ["1", "10", "100", "1000"]
 PACED = ["kit-https/rf", "kit-https/logreg", "kit-direct/rf", "tutorial/rf", "ceiling/any"]
 RATIOS = [
     *(f"{m}_c{c}_{pair}" for m in MODELS for c in CONNECTIONS for pair in (
         "kit_https_over_tutorial", "kit_direct_over_tutorial", "kit_direct_over_ceiling",
-        "kit_https_over_kit_direct", "kit_https_over_ceiling", "kit_direct_over_mlserver", "kit_https_over_mlserver")),
+        "kit_https_over_kit_direct", "kit_https_over_ceiling",
+        *(f"{kit}_over_{peer}" for peer in PEER_KEYS for kit in ("kit_direct", "kit_https")))),
     *(f"rf_batch{s}_{c}_over_{peer}" for s in BATCH_SIZES for c in ("kit_https", "kit_direct")
-      for peer in ("sklearn", "mlserver")),
-    *(f"rf_batch{s}_cpu_per_batch_{c}_over_mlserver" for s in BATCH_SIZES for c in ("kit_https", "kit_direct")),
-    "memory_kit_over_mlserver",
+      for peer in ("sklearn", *PEER_KEYS)),
+    *(f"rf_batch{s}_cpu_per_batch_{c}_over_{peer}" for s in BATCH_SIZES for c in ("kit_https", "kit_direct")
+      for peer in PEER_KEYS),
+    *(f"memory_kit_over_{peer}" for peer in PEER_KEYS),
     "kit_https_rf_half_peak_p99_ms", "kit_https_logreg_half_peak_p99_ms",
     "memory_preload_w4_over_w1_total", "memory_preload_w4_over_w1_workers",
     "memory_no_preload_w4_over_w1_total", "memory_no_preload_w4_over_w1_workers",
@@ -68,13 +72,22 @@ def test_single_row_figures_for_every_contender(results, model, connections, con
 @pytest.mark.parametrize("size", BATCH_SIZES)
 def test_batch_rows_per_second_next_to_in_process_predict_proba(results, size):
     row = results["batch"][size]
-    assert {c: _measured(row[c]["rows_per_s"]) for c in row} == {
-        "kit-https": True, "kit-direct": True, "mlserver": True, "sklearn-inprocess": True}
-    assert all(_measured(row[c]["cpu_ms_per_batch"]) for c in ("kit-https", "kit-direct", "mlserver")), row
+    assert {c: _measured(row[c]["rows_per_s"]) for c in row} == dict.fromkeys(
+        ("kit-https", "kit-direct", *PEERS, "sklearn-inprocess"), True)
+    assert all(_measured(row[c]["cpu_ms_per_batch"]) for c in ("kit-https", "kit-direct", *PEERS)), row
 
 
-def test_memory_of_the_kit_and_of_mlserver_serving_the_same_models(results):
-    assert all(_measured(results["peer_memory"][c]) for c in ("kit-direct", "mlserver")), results["peer_memory"]
+def test_memory_of_the_kit_and_of_its_peers_serving_the_same_models(results):
+    memory = results["peer_memory"]
+    assert {c: _measured(v) for c, v in memory.items()} == dict.fromkeys(("kit-direct", *PEERS), True), memory
+
+
+def test_a_target_against_each_peer_for_every_figure_the_issue_sets(results):
+    keys = {t["key"] for t in results["targets"]}
+    for peer in PEER_KEYS:
+        assert {f"rf_c16_kit_direct_over_{peer}", f"logreg_c64_kit_direct_over_{peer}",
+                f"rf_batch1000_kit_https_over_{peer}", f"rf_batch1000_cpu_per_batch_kit_https_over_{peer}",
+                f"memory_kit_over_{peer}"} <= keys
 
 
 @pytest.mark.parametrize("key", PACED)
@@ -113,7 +126,8 @@ def test_every_target_says_whether_it_was_met(results):
 def test_markdown_table_printed_and_written(quick_run):
     result, output = quick_run
     table = (output / "latest.md").read_text()
-    assert "| model | connections | kit-https | kit-direct | mlserver | tutorial | ceiling |" in table
+    assert ("| model | connections | kit-https | kit-direct | mlserver | mlserver-default | bentoml | tutorial | "
+            "ceiling |") in table
     assert table.strip() in result.stdout
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -17,13 +19,14 @@ def pins(path: Path) -> dict[str, str]:
     return found
 
 
-def test_mlserver_loads_the_model_with_the_versions_that_built_it():
-    """MLServer must unpickle the same model.joblib: scikit-learn, numpy and joblib as requirements.txt."""
+@pytest.mark.parametrize("peer", ["mlserver", "bentoml"])
+def test_a_peer_loads_the_model_with_the_versions_that_built_it(peer):
+    """The bench's peers unpickle the same model.joblib: scikit-learn, numpy and joblib as requirements.txt."""
     service = pins(ROOT / "requirements.txt")
-    mlserver = pins(ROOT / "scripts" / "harness" / "client_envs" / "mlserver.txt")
+    theirs = pins(ROOT / "scripts" / "harness" / "client_envs" / f"{peer}.txt")
     for name in ("scikit-learn", "numpy", "joblib"):
-        assert mlserver[name] == service[name], (
-            f"scripts/harness/client_envs/mlserver.txt pins {name} apart from requirements.txt"
+        assert theirs[name] == service[name], (
+            f"scripts/harness/client_envs/{peer}.txt pins {name} apart from requirements.txt"
         )
 
 
