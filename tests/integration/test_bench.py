@@ -10,6 +10,7 @@ import json
 import math
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -41,15 +42,26 @@ RATIOS = [
 ]
 
 
+def _failure(result: subprocess.CompletedProcess) -> str:
+    return f"bench/run.py --quick failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+
+
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess, Path]:
-    output = tmp_path_factory.mktemp("bench")
-    result = subprocess.run(
-        [sys.executable, "-m", "bench.run", "--quick", "--output", str(output)],
-        cwd=ROOT, capture_output=True, text=True, timeout=900,
-    )
-    assert result.returncode == 0, f"bench/run.py --quick failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
-    return result, output
+    """One quick run of the bench. A run that fails is run once more, with the first failure shown as a warning:
+    the bench starts a dozen servers of four projects on a machine a whole suite shares, and one run in about ten
+    has failed once without the failure coming back in the runs after it. Two failures fail every test here."""
+    for attempt in (1, 2):
+        output = tmp_path_factory.mktemp("bench")
+        result = subprocess.run(
+            [sys.executable, "-m", "bench.run", "--quick", "--output", str(output)],
+            cwd=ROOT, capture_output=True, text=True, timeout=900,
+        )
+        if result.returncode == 0:
+            return result, output
+        if attempt == 1:
+            warnings.warn(f"the first quick run failed; running it once more. {_failure(result)}", stacklevel=1)
+    raise AssertionError(_failure(result))
 
 
 @pytest.fixture(scope="module")
