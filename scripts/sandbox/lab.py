@@ -910,28 +910,39 @@ def wait_host_ready(cfg: Config, host: Host, fresh: bool = False) -> str:
 
     state = wait_for(f"{host.name} to boot and answer SSH", system_state, BOOT_TIMEOUT, cfg, host.name)
     if state == "degraded" and fresh:
-        state = retry_failed_units(cfg, host)
+        return retry_failed_units(cfg, host)
+    if state == "degraded":
+        report_failed_units(cfg, host)
     return state
 
 
+def _host_ssh(cfg: Config, host: Host, command: str) -> str:
+    return subprocess.run(ssh_command(cfg, host, command), stdin=subprocess.DEVNULL, capture_output=True,
+                          text=True, timeout=60).stdout.strip()
+
+
+def report_failed_units(cfg: Config, host: Host) -> list[str]:
+    """Log a degraded host's failed units with their journal, to stderr and the host's log; return the units."""
+    units = [line.split()[0] for line in _host_ssh(cfg, host, "systemctl --failed --no-legend --plain").splitlines()
+             if line.strip()]
+    journal = (_host_ssh(cfg, host, "journalctl -b --no-pager -o short-monotonic " + " ".join(f"-u {u}" for u in units))
+               if units else "")
+    note(cfg, host.name, f"{host.name} booted degraded; failed units: {' '.join(units) or '(none listed)'}\n{journal}")
+    return units
+
+
 def retry_failed_units(cfg: Config, host: Host) -> str:
-    """Log why units of a freshly booted host failed, start them once more, and return the state after that.
+    """Report why units of a freshly booted host failed, start them once more, and return the state after that.
 
     Only for hosts booted from the base root filesystem, with nothing of the playbooks on them: a failed unit
     there is one of the distribution's own (seen: systemd-update-utmp and systemd-user-sessions, once in many
-    boots on a loaded machine), not the kit's. Their journal goes to the host's log; a second failure leaves
-    the host degraded. A host booted again after a power cut is reported as it comes up."""
-    def ssh(command: str) -> str:
-        return subprocess.run(ssh_command(cfg, host, command), stdin=subprocess.DEVNULL, capture_output=True,
-                              text=True, timeout=60).stdout.strip()
-
-    units = [line.split()[0] for line in ssh("systemctl --failed --no-legend --plain").splitlines() if line.strip()]
-    journal = ssh("journalctl -b --no-pager -o short-monotonic " + " ".join(f"-u {u}" for u in units)) if units else ""
-    note(cfg, host.name, f"{host.name} booted degraded; failed units: {' '.join(units) or '(none listed)'}\n{journal}")
+    boots on a loaded machine), not the kit's. A second failure leaves the host degraded. A host booted again
+    after a power cut is reported (report_failed_units) and left as it comes up."""
+    units = report_failed_units(cfg, host)
     if not units:
         return "degraded"
-    ssh("systemctl start " + " ".join(units))
-    state = ssh("systemctl is-system-running") or "unreachable"
+    _host_ssh(cfg, host, "systemctl start " + " ".join(units))
+    state = _host_ssh(cfg, host, "systemctl is-system-running") or "unreachable"
     note(cfg, host.name, f"{host.name}: started {' '.join(units)} again; systemd is {state}")
     return state
 
