@@ -3,7 +3,7 @@
 - **MLServer** (1.7, its scikit-learn runtime) serves the demo packages' own ``model.joblib`` files, in a venv
   of its own (scripts/harness/client_envs/mlserver.txt: it pins FastAPI and Starlette below the service's):
   ``mlserver`` with ``parallel_workers`` equal to the kit's workers (one front process that parses HTTP and
-  hands each request to a worker process), and ``mlserver-default`` with MLServer's own default settings.
+  hands each request to a worker process), and ``mlserver-default`` with MLServer's default of one parallel worker.
   Requests ask for both outputs, ``predict`` and ``predict_proba``.
 - **BentoML** (1.4, ``@bentoml.service(workers=N)`` with N the kit's workers, bench/bentoml_service.py) serves
   the same files, in its own venv (scripts/harness/client_envs/bentoml.txt); its workers share one listener.
@@ -69,7 +69,7 @@ class Peer(Process):
 class MLServer(Peer):
     """``mlserver start`` over a folder of model settings, one model per demo package, stopped by PID.
 
-    workers: ``parallel_workers``; None leaves MLServer's default."""
+    workers: ``parallel_workers``; None leaves MLServer's default (1). Its metrics endpoint and debug mode are off."""
 
     def __init__(self, name: str, model_files: dict[str, Path], workers: int | None, workdir: Path, log_path: Path):
         root = workdir / name
@@ -80,8 +80,9 @@ class MLServer(Peer):
                 "name": model, "implementation": "mlserver_sklearn.SKLearnModel",
                 "parameters": {"uri": str(model_file), "version": "1"}}))
         self.name, self.port, self.models = name, free_port(), list(model_files)
-        settings = {"host": "127.0.0.1", "http_port": self.port, "grpc_port": free_port(),
-                    "metrics_port": free_port(), "metrics_endpoint": None, "debug": False}
+        # Metrics and debug mode off for both, as the kit's own figures carry no extra logging either.
+        settings: dict = {"host": "127.0.0.1", "http_port": self.port, "grpc_port": free_port(),
+                          "metrics_port": free_port(), "metrics_endpoint": None, "debug": False}
         if workers is not None:
             settings["parallel_workers"] = workers
         (root / "settings.json").write_text(json.dumps(settings))

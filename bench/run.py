@@ -8,7 +8,7 @@ Everything runs on loopback and every process started here is stopped by its PID
 Contenders: kit-https (NGINX rendered by the nginx role, TLS, in front of the
 service's gunicorn), kit-direct (that gunicorn), the peers on the same model.joblib files
 (bench/peers.py: mlserver, MLServer's scikit-learn runtime with as many parallel workers as the
-kit has workers; mlserver-default, the same with MLServer's default settings; bentoml, a BentoML
+kit has workers; mlserver-default, the same with MLServer's default of one parallel worker; bentoml, a BentoML
 service with as many workers), tutorial (bench/tutorial_app.py under one uvicorn process) and ceiling
 (bench/ceiling_app.py under the service's gunicorn settings). They run interleaved, one after the other, in every round;
 figures are medians over the rounds. The service keeps its JSON access log on
@@ -57,7 +57,8 @@ SERVICE_CONF = ROOT / "app" / "gunicorn_conf.py"
 MODELS = {"rf": "iris", "logreg": "iris-logreg"}
 KIT_SINGLE_PATH = {"rf": "/v1/predict", "logreg": "/v1/models/iris-logreg/predict"}
 PEERS = ("mlserver", "mlserver-default", "bentoml")
-PEER_LABELS = {"mlserver": "MLServer", "mlserver-default": "MLServer (default settings)", "bentoml": "BentoML"}
+PEER_LABELS = {"mlserver": "MLServer", "mlserver-default": "MLServer (1 parallel worker, its default)",
+               "bentoml": "BentoML"}
 CONTENDERS = ("kit-https", "kit-direct", *PEERS, "tutorial", "ceiling")
 PACED = (("kit-https", "rf"), ("kit-https", "logreg"), ("kit-direct", "rf"), ("tutorial", "rf"), ("ceiling", None))
 FEATURES = tuple(IRIS_ROW)
@@ -831,7 +832,8 @@ def markdown(results: dict) -> str:
         out.append(f"| {workers} | {p['workers_pss_mb']:.0f} | {p['total_pss_mb']:.0f} | {n['workers_pss_mb']:.0f} | "
                    f"{n['total_pss_mb']:.0f} |")
     peers = results["peer_memory"]
-    out += ["", f"PSS of the serving stacks after the load figures, same demo models, {meta['workers']} workers each: "
+    out += ["", f"PSS of the serving stacks after the load figures, same demo models, {meta['workers']} workers each "
+            "(MLServer's default: 1): "
             f"kit {peers['kit-direct']:.0f} MB, "
             + ", ".join(f"{PEER_LABELS[p]} {peers[p]:.0f} MB (kit/peer {ratios[f'memory_kit_over_{_key(p)}']:.2f}×)"
                         for p in PEERS) + "."]
