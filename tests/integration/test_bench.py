@@ -32,7 +32,7 @@ RATIOS = [
         "kit_https_over_kit_direct", "kit_https_over_ceiling",
         *(f"{kit}_over_{peer}" for peer in PEER_KEYS for kit in ("kit_direct", "kit_https")))),
     *(f"rf_batch{s}_{c}_over_{peer}" for s in BATCH_SIZES for c in ("kit_https", "kit_direct")
-      for peer in ("sklearn", *PEER_KEYS)),
+      for peer in ("sklearn", "engine", *PEER_KEYS)),
     *(f"rf_batch{s}_cpu_per_batch_{c}_over_{peer}" for s in BATCH_SIZES for c in ("kit_https", "kit_direct")
       for peer in PEER_KEYS),
     *(f"memory_kit_over_{peer}" for peer in PEER_KEYS),
@@ -40,6 +40,11 @@ RATIOS = [
     "memory_preload_w4_over_w1_total", "memory_preload_w4_over_w1_workers",
     "memory_no_preload_w4_over_w1_total", "memory_no_preload_w4_over_w1_workers",
 ]
+
+
+def _text(out: str | bytes | None) -> str:
+    """A timed-out run's output: bytes even with text=True."""
+    return out.decode(errors="replace") if isinstance(out, bytes) else out or ""
 
 
 def _failure(result: subprocess.CompletedProcess) -> str:
@@ -53,14 +58,16 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.Comp
     has failed once without the failure coming back in the runs after it. Two failures fail every test here."""
     for attempt in (1, 2):
         output = tmp_path_factory.mktemp("bench")
-        result = subprocess.run(
-            [sys.executable, "-m", "bench.run", "--quick", "--output", str(output)],
-            cwd=ROOT, capture_output=True, text=True, timeout=900,
-        )
+        argv = [sys.executable, "-m", "bench.run", "--quick", "--output", str(output)]
+        try:
+            result = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        except subprocess.TimeoutExpired as exc:
+            result = subprocess.CompletedProcess(argv, -1, _text(exc.stdout), f"{exc}\n{_text(exc.stderr)}")
         if result.returncode == 0:
             return result, output
         if attempt == 1:
-            warnings.warn(f"the first quick run failed; running it once more. {_failure(result)}", stacklevel=1)
+            warnings.warn(f"the first quick run (output in {output}) failed; running it once more. "
+                          f"{_failure(result)}", stacklevel=1)
     raise AssertionError(_failure(result))
 
 
@@ -85,7 +92,7 @@ def test_single_row_figures_for_every_contender(results, model, connections, con
 def test_batch_rows_per_second_next_to_in_process_predict_proba(results, size):
     row = results["batch"][size]
     assert {c: _measured(row[c]["rows_per_s"]) for c in row} == dict.fromkeys(
-        ("kit-https", "kit-direct", *PEERS, "sklearn-inprocess"), True)
+        ("kit-https", "kit-direct", *PEERS, "sklearn-inprocess", "engine-inprocess"), True)
     assert all(_measured(row[c]["cpu_ms_per_batch"]) for c in ("kit-https", "kit-direct", *PEERS)), row
 
 
