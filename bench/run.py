@@ -382,31 +382,50 @@ def figure_single(stack: Stack, profile: Profile, workdir: Path, warnings: list[
     return figures
 
 
+def rows_per_second(call, X, size: int, seconds: float) -> float:
+    """Rows/s of call(X) on a batch of size rows, called over and over for seconds after one warm-up call."""
+    call(X)
+    calls, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < seconds:
+        call(X)
+        calls += 1
+    return calls * size / elapsed
+
+
 def sklearn_inprocess(model_file: Path, size: int, seconds: float) -> float:
     """Rows/s of predict_proba called directly on the unpickled model, batch by batch."""
     import joblib
 
     model = joblib.load(model_file)
-    X = np.array([[row[f] for f in FEATURES] for row in batch_rows(size)])
-    model.predict_proba(X)
-    calls, start = 0, time.perf_counter()
-    while (elapsed := time.perf_counter() - start) < seconds:
-        model.predict_proba(X)
-        calls += 1
-    return calls * size / elapsed
+    return rows_per_second(model.predict_proba, np.array(batch_values(size)), size, seconds)
+
+
+def engine_inprocess(package: Path, size: int, seconds: float) -> float:
+    """Rows/s of the kit's own engine for the package (ONNX Runtime for the demo packages, one thread as a worker
+    runs it), called in this process on the decoded batch: what the service adds is everything else."""
+    from app.packages.gate import load_package
+    from app.settings import load_settings
+
+    settings = load_settings()
+    model = load_package(package, engine=settings.engine, onnx_threads=settings.onnx_threads)
+    X = model.inputs.matrix(np.array(batch_values(size), dtype=float), settings.max_abs_value).X
+    return rows_per_second(model.infer, X, size, seconds)
 
 
 def figure_batch(stack: Stack, models_dir: Path, profile: Profile, workdir: Path, warnings: list[str]) -> dict:
-    """Figure 2: rows/s and server CPU per batch, RandomForest, next to in-process predict_proba (rows/s)."""
+    """Figure 2: rows/s and server CPU per batch, RandomForest, next to in-process predict_proba and the kit's
+    own engine in process (rows/s)."""
     runs: dict = defaultdict(lambda: defaultdict(list))
     cpu: dict = defaultdict(lambda: defaultdict(list))
     model_file = models_dir / MODELS["rf"] / "1" / "model.joblib"
-    order = ["kit-https", "kit-direct", *PEERS, "sklearn-inprocess"]
+    order = ["kit-https", "kit-direct", *PEERS, "sklearn-inprocess", "engine-inprocess"]
     for round_index in range(profile.rounds):
         for size in profile.batch_sizes:
             for contender in rotated(order, round_index):
                 if contender == "sklearn-inprocess":
                     rows = sklearn_inprocess(model_file, size, profile.duration / 2)
+                elif contender == "engine-inprocess":
+                    rows = engine_inprocess(models_dir / MODELS["rf"] / "1", size, profile.duration / 2)
                 else:
                     endpoint = stack.endpoint(contender, "rf", batch=True)
                     roots = stack.server_pids(contender, "rf")
@@ -734,6 +753,8 @@ def ratios_and_targets(results: dict, profile: Profile) -> tuple[dict, list[dict
         for contender in ("kit-https", "kit-direct"):
             ratios[f"rf_batch{size}_{contender.replace('-', '_')}_over_sklearn"] = (
                 batch[size][contender]["rows_per_s"] / reference)
+            ratios[f"rf_batch{size}_{_key(contender)}_over_engine"] = (
+                batch[size][contender]["rows_per_s"] / batch[size]["engine-inprocess"]["rows_per_s"])
             for peer in PEERS:
                 ratios[f"rf_batch{size}_{_key(contender)}_over_{_key(peer)}"] = (
                     batch[size][contender]["rows_per_s"] / batch[size][peer]["rows_per_s"])
@@ -742,6 +763,8 @@ def ratios_and_targets(results: dict, profile: Profile) -> tuple[dict, list[dict
     largest = str(max(profile.batch_sizes))
     target(f"rf_batch{largest}_kit_https_over_sklearn", ratios[f"rf_batch{largest}_kit_https_over_sklearn"], ">=",
            1.0, f"rf batch of {largest} rows: kit-https rows/s / in-process predict_proba rows/s")
+    target(f"rf_batch{largest}_kit_https_over_engine", ratios[f"rf_batch{largest}_kit_https_over_engine"], ">=",
+           0.5, f"rf batch of {largest} rows: kit-https rows/s / the kit's engine in process, rows/s")
     peers = results["peer_memory"]
     for peer in PEERS:
         k = f"rf_batch{largest}_kit_https_over_{_key(peer)}"
@@ -807,13 +830,14 @@ def markdown(results: dict) -> str:
                        + f" | {ratios[f'{model}_c{c}_cpu_per_request_kit_direct_over_ceiling']:.1f}× |")
     out += ["", f"## 2. Batches, RandomForest: rows/s ({meta['batch_connections']} connections)", "",
             "| rows per request | kit-https | kit-direct | " + " | ".join(PEERS) + " | in-process predict_proba | "
-            "https/in-process | " + " | ".join(f"https/{p}" for p in PEERS)
+            "the kit's engine in process | https/in-process | https/engine | " + " | ".join(f"https/{p}" for p in PEERS)
             + " | CPU ms per batch: " + " / ".join(("kit-https", "kit-direct", *PEERS)) + " |",
-            "|---|" + "---|" * (5 + 2 * len(PEERS))]
+            "|---|" + "---|" * (7 + 2 * len(PEERS))]
     for size, row in results["batch"].items():
-        out.append(f"| {size} | " + " | ".join(f"{row[c]['rows_per_s']:.0f}" for c in ("kit-https", "kit-direct",
-                                                                                     *PEERS, "sklearn-inprocess"))
+        out.append(f"| {size} | " + " | ".join(f"{row[c]['rows_per_s']:.0f}" for c in (
+                       "kit-https", "kit-direct", *PEERS, "sklearn-inprocess", "engine-inprocess"))
                    + f" | {ratios[f'rf_batch{size}_kit_https_over_sklearn']:.2f}× | "
+                   + f"{ratios[f'rf_batch{size}_kit_https_over_engine']:.2f}× | "
                    + " | ".join(f"{ratios[f'rf_batch{size}_kit_https_over_{_key(p)}']:.2f}×" for p in PEERS) + " | "
                    + " / ".join(f"{row[c]['cpu_ms_per_batch']:.2f}" for c in ("kit-https", "kit-direct", *PEERS))
                    + " |")
@@ -898,7 +922,7 @@ def plots(results: dict, directory: Path) -> list[str]:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     sizes = list(results["batch"])
-    for contender in ("kit-https", "kit-direct", *PEERS, "sklearn-inprocess"):
+    for contender in ("kit-https", "kit-direct", *PEERS, "sklearn-inprocess", "engine-inprocess"):
         ax.plot([int(s) for s in sizes], [results["batch"][s][contender]["rows_per_s"] for s in sizes], "o-",
                 label=contender)
     ax.set_xscale("log")
